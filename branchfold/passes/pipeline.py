@@ -1,0 +1,221 @@
+"""``fold`` for torch modules: capture, fold, check against the original, undo what fails, report."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from branchfold.errors import InputError
+from branchfold.passes import verify
+from branchfold.passes.capture import CaptureMethod, capture
+from branchfold.passes.fx import FoldBranchesPass, ShapePropPass, has_shapes
+from branchfold.report import FoldedRegion, FoldReport, Skipped, Totals
+from branchfold.rewriter.fx_adapter import FxFoldResult
+from branchfold.rewriter.region import NotFolded, Region
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+@dataclass
+class FoldResult:
+    model: object
+    report: FoldReport
+
+
+def fold_module(
+    model: nn.Module,
+    args: Sequence = (),
+    kwargs: dict | None = None,
+    *,
+    capture_method: CaptureMethod = "export",
+    verify_result: bool = True,
+    random_checks: int = 2,
+    tolerance: float | None = None,
+    seed: int = 0,
+) -> FoldResult:
+    if not isinstance(model, nn.Module):
+        raise InputError(f"expected an nn.Module, got {type(model).__name__}")
+    args, kwargs = tuple(args), dict(kwargs or {})
+    training = model.training
+    # A training-mode model updates its own buffers when run: work on a copy so the user's stays as it was.
+    source = copy.deepcopy(model) if training else model
+    if isinstance(source, fx.GraphModule):
+        gm = fx.GraphModule(source, copy.deepcopy(source.graph), class_name=type(source).__name__)
+    else:
+        gm = capture(source, args, kwargs, capture_method)
+    if not has_shapes(gm):
+        ShapePropPass(_flat_inputs(gm, args, kwargs)).call(gm)
+    pristine = copy.deepcopy(gm.graph)
+
+    reference = copy.deepcopy(model) if training else model
+    input_sets = [(args, kwargs)]
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(random_checks):
+        input_sets.append((tuple(verify.random_inputs(args, generator)), kwargs))
+    ref_outputs = [_seeded_run(reference, a, k, seed) for a, k in input_sets] if verify_result else None
+
+    def attempt(select: Callable[[Region], bool] | None) -> tuple[fx.GraphModule, FxFoldResult]:
+        candidate = fx.GraphModule(gm, copy.deepcopy(pristine), class_name=type(gm).__name__)
+        fold = FoldBranchesPass(select=select)
+        fold.call(candidate)
+        return candidate, fold.result
+
+    def check(candidate: fx.GraphModule) -> verify.Check:
+        return verify.check(
+            reference, lambda *a, **k: _seeded_call(candidate, a, k, seed), input_sets, tolerance, ref_outputs
+        )
+
+    folded, result = attempt(None)
+    undone: list[Region] = []
+    outcome = check(folded) if verify_result else None
+    if outcome is not None and not outcome.ok and result.regions:
+        good = _bisect([r.value.name for r in result.regions], lambda names: check(attempt(_only(names))[0]).ok)
+        undone = [r for r in result.regions if r.value.name not in good]
+        folded, result = attempt(_only(good))
+        outcome = check(folded)
+    final = fx.GraphModule(folded, folded.graph, class_name=type(gm).__name__)  # drops unused weights
+    final.train(training)
+    report = _report(gm, final, result, undone, args, kwargs, outcome, training)
+    if verify_result and _float_dtype(model) in LOW_PRECISION:
+        _low_precision_errors(report, model, final, input_sets)
+    return FoldResult(final, report)
+
+
+def _only(names: Sequence[str]) -> Callable[[Region], bool]:
+    keep = set(names)
+    return lambda r: r.value.name in keep
+
+
+def _bisect(items: list[str], ok: Callable[[list[str]], bool]) -> list[str]:
+    """The items that pass ``ok`` on their own, found by halving (failures are rare and few)."""
+    if not items or ok(items):
+        return items
+    if len(items) == 1:
+        return []
+    mid = len(items) // 2
+    return _bisect(items[:mid], ok) + _bisect(items[mid:], ok)
+
+
+def _flat_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list:
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    flat = list(args)
+    for n in placeholders[len(args) :]:
+        flat.append(kwargs.get(n.target, n.args[0] if n.args else None))
+    return flat
+
+
+@contextlib.contextmanager
+def _fixed_rng(seed: int):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _seeded_call(fn, args, kwargs, seed):
+    with _fixed_rng(seed):
+        return fn(*args, **kwargs)
+
+
+def _seeded_run(fn, args, kwargs, seed):
+    with torch.no_grad(), _fixed_rng(seed):
+        return fn(*args, **kwargs)
+
+
+def _float_dtype(model: nn.Module) -> torch.dtype | None:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return None
+
+
+def _low_precision_errors(report: FoldReport, model: nn.Module, folded: nn.Module, input_sets) -> None:
+    """fp16/bf16: both the original and the folded model against an fp32 copy of the original."""
+    fp32 = copy.deepcopy(model).float()
+
+    def up(x):
+        return x.float() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+
+    orig_err = new_err = 0.0
+    for args, kwargs in input_sets:
+        ref = verify.run(fp32, [up(a) for a in args], {k: up(v) for k, v in kwargs.items()})
+        orig_err = max(orig_err, verify.relative_error(ref, verify.run(model, args, kwargs)))
+        new_err = max(new_err, verify.relative_error(ref, verify.run(folded, args, kwargs)))
+    report.error_vs_fp32, report.original_error_vs_fp32 = new_err, orig_err
+
+
+# ----------------------------------------------------------------------------------------------
+# report
+
+
+def count_ops(gm: fx.GraphModule) -> int:
+    skip = {"getitem", "_guards_fn"}
+    return sum(
+        1
+        for n in gm.graph.nodes
+        if n.op in ("call_function", "call_method", "call_module")
+        and getattr(n.target, "__name__", str(n.target)) not in skip
+        and not str(n.target).startswith("_assert")
+    )
+
+
+def count_params(module: nn.Module) -> int:
+    seen, total = set(), 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        if t.is_floating_point() and id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel()
+    return total
+
+
+def count_macs(module: nn.Module, args: tuple, kwargs: dict) -> int:
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        module(*args, **kwargs)
+    return counter.get_total_flops() // 2
+
+
+def _name(key) -> str:
+    if isinstance(key, fx.Node):
+        return str(key.target) if key.op == "call_module" else key.name
+    return str(key)
+
+
+def region_report(r: Region) -> FoldedRegion:
+    return FoldedRegion(r.kind, list(r.labels), _name(r.value), r.cost_before, r.cost_after)
+
+
+def skipped_report(n: NotFolded) -> Skipped:
+    return Skipped(_name(n.where), n.category, n.detail, list(n.labels))
+
+
+def _report(gm, final, result, undone, args, kwargs, outcome, training) -> FoldReport:
+    report = FoldReport(
+        folded=[region_report(r) for r in result.regions],
+        not_folded=[skipped_report(n) for n in result.not_folded],
+        before=Totals(count_ops(gm), count_params(gm), _safe_macs(gm, args, kwargs)),
+        after=Totals(count_ops(final), count_params(final), _safe_macs(final, args, kwargs)),
+    )
+    report.not_folded += [
+        Skipped(_name(r.value), "failed-check", "folded result differed from the original; undone", list(r.labels))
+        for r in undone
+    ]
+    if outcome is not None:
+        report.max_error, report.tolerance, report.verified = outcome.error, outcome.tolerance, outcome.ok
+    if training:
+        report.notes.append(
+            "the model is in training mode: BatchNorm and Dropout were left alone; call model.eval() to fold them"
+        )
+    return report
+
+
+def _safe_macs(module, args, kwargs) -> int:
+    with _fixed_rng(0):
+        if module.training:
+            module = copy.deepcopy(module)  # running a training-mode copy must not touch buffers we share
+        return count_macs(module, args, kwargs)

@@ -1,0 +1,408 @@
+"""FX nodes of all three torch dialects → the walk's neutral ``Op``.
+
+symbolic_trace writes ``call_module`` to nn.Linear & co, dynamo writes functional calls
+(``torch._C._nn.linear``, ``torch.conv2d``, ``F.batch_norm``) with weights as placeholders, and
+torch.export writes ATen overloads. Each target is bound to its argument names here; the op's
+meaning is decided once in ``canonical``.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from branchfold.patterns import canonical
+from branchfold.rewriter.affine import Refusal
+from branchfold.rewriter.region import Op
+
+aten = torch.ops.aten
+
+# Pure ops that turn a constant into another constant (export writes ``t(weight)`` before addmm).
+_CONST_FUNCS = {
+    aten.t.default, aten.permute.default, aten.transpose.int, aten.view.default, aten.reshape.default,
+    aten.unsqueeze.default, aten.squeeze.dim, aten.detach.default, aten.clone.default,
+    aten._to_copy.default, aten.lift_fresh_copy.default, aten.alias.default, aten.expand.default,
+    torch.t, torch.transpose, torch.permute, torch.reshape, torch.unsqueeze, torch.squeeze,
+}  # fmt: skip
+_CONST_METHODS = {"t", "transpose", "permute", "view", "reshape", "unsqueeze", "squeeze", "detach",
+                  "clone", "contiguous", "to", "float", "half", "bfloat16", "expand"}  # fmt: skip
+
+_IDENTITY_FUNCS = {aten.clone.default, aten.alias.default, aten.detach.default, torch.clone}
+_IDENTITY_METHODS = {"contiguous", "clone", "detach"}
+
+
+@dataclass
+class FxContext:
+    """What a recognizer may ask about the graph: constants, shapes, submodules."""
+
+    gm: fx.GraphModule
+    constants: Mapping[str, torch.Tensor] = field(default_factory=dict)  # placeholder name -> tensor
+    _cache: dict[fx.Node, torch.Tensor | None] = field(default_factory=dict)
+
+    def const(self, a: Any) -> torch.Tensor | None:
+        """The constant tensor an argument stands for, or None if it is computed from inputs."""
+        if not isinstance(a, fx.Node):
+            return None
+        if a in self._cache:
+            return self._cache[a]
+        self._cache[a] = value = self._const(a)
+        return value
+
+    def _const(self, n: fx.Node) -> torch.Tensor | None:
+        if n.op == "get_attr":
+            value = _get_attr(self.gm, n.target)
+            return value if isinstance(value, torch.Tensor) else None
+        if n.op == "placeholder":
+            return self.constants.get(n.name)
+        if n.op not in ("call_function", "call_method"):
+            return None
+        pure = n.target in _CONST_FUNCS if n.op == "call_function" else n.target in _CONST_METHODS
+        if not pure:
+            return None
+        if any(self.const(m) is None for m in n.all_input_nodes):
+            return None
+        args = fx.node.map_arg(n.args, self.const)
+        kwargs = fx.node.map_arg(n.kwargs, self.const)
+        with torch.no_grad():
+            if n.op == "call_function":
+                return n.target(*args, **kwargs)
+            return getattr(args[0], n.target)(*args[1:], **kwargs)
+
+    def module(self, n: fx.Node) -> nn.Module:
+        return self.gm.get_submodule(n.target)
+
+
+def _get_attr(root: nn.Module, target: str) -> Any:
+    obj: Any = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def shape_of(n: Any) -> tuple[int | None, ...] | None:
+    """The static shape recorded on a node by export, dynamo or ShapeProp (None where unknown)."""
+    if not isinstance(n, fx.Node):
+        return None
+    val = n.meta.get("val", n.meta.get("example_value"))
+    shape = getattr(val, "shape", None)
+    if shape is None and "tensor_meta" in n.meta:
+        shape = getattr(n.meta["tensor_meta"], "shape", None)
+    if shape is None:
+        return None
+    return tuple(d if isinstance(d, int) else None for d in shape)
+
+
+def dtype_of(n: Any) -> torch.dtype | None:
+    if not isinstance(n, fx.Node):
+        return None
+    val = n.meta.get("val", n.meta.get("example_value"))
+    if isinstance(val, torch.Tensor):
+        return val.dtype
+    tm = n.meta.get("tensor_meta")
+    return getattr(tm, "dtype", None)
+
+
+def _rank(n: Any) -> int | None:
+    s = shape_of(n)
+    return len(s) if s is not None else None
+
+
+def _channels(n: Any, axis: int = 1) -> int | None:
+    s = shape_of(n)
+    return s[axis] if s is not None and len(s) > axis else None
+
+
+def _bind(node: fx.Node, names: tuple[str, ...], defaults: Mapping[str, Any] = {}) -> dict[str, Any]:
+    args = node.args[1:] if node.op == "call_method" else node.args
+    bound = dict(defaults)
+    bound.update(zip(names, args))
+    bound.update(node.kwargs)
+    if node.op == "call_method":
+        bound[names[0]] = node.args[0]
+    return bound
+
+
+# ----------------------------------------------------------------------------------------------
+# one recognizer per op family; each returns (input node, map-builder) or raises Refusal
+
+
+def _need(ctx: FxContext, a: Any, what: str, optional: bool = False) -> torch.Tensor | None:
+    """A constant operand (a node, or a module's own tensor), or Refusal if it is computed."""
+    if a is None and optional:
+        return None
+    t = a if isinstance(a, torch.Tensor) else ctx.const(a)
+    if t is None:
+        raise Refusal("non-constant", f"{what} is computed at run time, not a constant")
+    return t
+
+
+def _linear(ctx, node, names):
+    b = _bind(node, names)
+    w = _need(ctx, b["weight"], "linear weight")
+    return b["input"], canonical.linear(w, _need(ctx, b.get("bias"), "linear bias", optional=True))
+
+
+def _addmm(ctx, node, names):
+    b = _bind(node, ("bias", "input", "weight_t"), {"beta": 1, "alpha": 1})
+    if b["beta"] != 1 or b["alpha"] != 1:
+        raise Refusal("geometry", "addmm with alpha/beta other than 1")
+    w = _need(ctx, b["weight_t"], "matmul weight")
+    return b["input"], canonical.linear(w.t(), _need(ctx, b["bias"], "addmm bias"))
+
+
+def _matmul(ctx, node, names):
+    b = _bind(node, ("input", "other"))
+    w = ctx.const(b["other"])
+    if w is None or ctx.const(b["input"]) is not None:
+        return None
+    if w.dim() != 2 or (_rank(b["input"]) or 0) < 1:
+        raise Refusal("shape", "matmul with a constant that is not a matrix")
+    return b["input"], canonical.linear(w.t())
+
+
+def _conv(ctx, node, names):
+    b = _bind(node, names, {"stride": 1, "padding": 0, "dilation": 1, "groups": 1, "transposed": False})
+    if b.get("transposed") or any(b.get("output_padding") or ()):
+        raise Refusal("geometry", "transposed convolution")
+    w = _need(ctx, b["weight"], "conv weight")
+    return b["input"], canonical.conv(
+        w, _need(ctx, b.get("bias"), "conv bias", True), b["stride"], b["padding"], b["dilation"], b["groups"]
+    )
+
+
+def _batch_norm(ctx, node, names):
+    b = _bind(node, names, {"weight": None, "bias": None, "training": False, "eps": 1e-5})
+    if b["training"]:
+        raise Refusal("training-mode", "BatchNorm in training mode uses batch statistics")
+    get = lambda k, what: _need(ctx, b.get(k), what, optional=True)  # noqa: E731
+    return b["input"], canonical.batch_norm(
+        get("running_mean", "BatchNorm mean"), get("running_var", "BatchNorm variance"),
+        get("weight", "BatchNorm weight"), get("bias", "BatchNorm bias"), b["eps"], _rank(b["input"]),
+    )  # fmt: skip
+
+
+def _avg_pool(ctx, node, names):
+    b = _bind(node, names, {"stride": None, "padding": 0, "ceil_mode": False, "count_include_pad": True,
+                            "divisor_override": None})  # fmt: skip
+    nd = int(str(node.target).split("avg_pool")[1][0])
+    return b["input"], canonical.avg_pool(
+        b["kernel_size"], b["stride"], b["padding"], _channels(b["input"]), nd,
+        b["ceil_mode"], b["count_include_pad"], b["divisor_override"],
+    )  # fmt: skip
+
+
+def _dropout(ctx, node, names):
+    b = _bind(node, names, {"training": True})
+    if b["training"]:
+        raise Refusal("training-mode", "Dropout in training mode is not the identity")
+    return b["input"], canonical.channel_constant(1.0, None)
+
+
+def _identity(ctx, node, names):
+    return node.args[0], canonical.channel_constant(1.0, None)
+
+
+_LINEAR = ("input", "weight", "bias")
+_CONV = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_ATEN_CONVOLUTION = ("input", "weight", "bias", "stride", "padding", "dilation", "transposed",
+                     "output_padding", "groups")  # fmt: skip
+_F_BN = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+_T_BN = ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps")
+_POOL = ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
+_F_DROPOUT = ("input", "p", "training")
+
+UNARY: dict[Any, tuple[Callable, tuple[str, ...], str]] = {
+    F.linear: (_linear, _LINEAR, "linear"),
+    torch._C._nn.linear: (_linear, _LINEAR, "linear"),
+    aten.linear.default: (_linear, _LINEAR, "linear"),
+    aten.addmm.default: (_addmm, (), "linear"),
+    aten.mm.default: (_matmul, (), "linear"),
+    aten.matmul.default: (_matmul, (), "linear"),
+    torch.matmul: (_matmul, (), "linear"),
+    operator.matmul: (_matmul, (), "linear"),
+    F.batch_norm: (_batch_norm, _F_BN, "batch_norm"),
+    torch.batch_norm: (_batch_norm, _T_BN, "batch_norm"),
+    aten.batch_norm.default: (_batch_norm, _T_BN, "batch_norm"),
+    aten._native_batch_norm_legit_no_training.default: (
+        _batch_norm, ("input", "weight", "bias", "running_mean", "running_var", "momentum", "eps"), "batch_norm",
+    ),  # fmt: skip
+    F.dropout: (_dropout, _F_DROPOUT, "dropout"),
+    torch.dropout: (_dropout, _F_DROPOUT, "dropout"),
+    aten.dropout.default: (_dropout, _F_DROPOUT, "dropout"),
+    **{f: (_identity, (), "identity") for f in _IDENTITY_FUNCS},
+}
+for _nd in (1, 2, 3):
+    for _f in (getattr(F, f"conv{_nd}d"), getattr(torch, f"conv{_nd}d"), getattr(aten, f"conv{_nd}d").default):
+        UNARY[_f] = (_conv, _CONV, "conv")
+    for _f in (getattr(F, f"avg_pool{_nd}d"), getattr(aten, f"avg_pool{_nd}d").default):
+        UNARY[_f] = (_avg_pool, _POOL, "avg_pool")
+    if hasattr(torch._C._nn, f"avg_pool{_nd}d"):
+        UNARY[getattr(torch._C._nn, f"avg_pool{_nd}d")] = (_avg_pool, _POOL, "avg_pool")
+UNARY[aten.convolution.default] = (_conv, _ATEN_CONVOLUTION, "conv")
+UNARY[torch.avg_pool1d] = (_avg_pool, _POOL, "avg_pool")
+
+_LAYER_NORM = {F.layer_norm, aten.layer_norm.default}
+
+ADD = {operator.add, torch.add, aten.add.Tensor, operator.iadd, "add", "add_"}
+SUB = {operator.sub, torch.sub, aten.sub.Tensor, operator.isub, "sub", "sub_"}
+MUL = {operator.mul, torch.mul, aten.mul.Tensor, operator.imul, "mul", "mul_"}
+DIV = {operator.truediv, torch.div, aten.div.Tensor, operator.itruediv, "div", "div_", "truediv"}
+NEG = {operator.neg, torch.neg, aten.neg.default, "neg"}
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def recognize(ctx: FxContext, node: fx.Node) -> Op:
+    """The neutral op for one FX node; anything unrecognized or refused is opaque."""
+    inputs = tuple(node.all_input_nodes)
+    opaque = Op(node, "opaque", inputs, node, label=_label(ctx, node))
+    try:
+        op = _recognize(ctx, node)
+    except Refusal as r:
+        opaque.refusal = r
+        return opaque
+    return op or opaque
+
+
+def _label(ctx: FxContext, node: fx.Node) -> str:
+    if node.op == "call_module":
+        return type(ctx.module(node)).__name__
+    return getattr(node.target, "__name__", str(node.target))
+
+
+def _recognize(ctx: FxContext, node: fx.Node) -> Op | None:
+    if node.op == "call_module":
+        return _recognize_module(ctx, node)
+    if node.op not in ("call_function", "call_method"):
+        return None
+    t = node.target
+    if node.op == "call_function" and t in UNARY:
+        fn, names, label = UNARY[t]
+        got = fn(ctx, node, names)
+        if got is None:
+            return None
+        x, m = got
+        return Op(node, "affine", (x,), node, m, label=label)
+    if node.op == "call_method" and t in _IDENTITY_METHODS:
+        return Op(node, "affine", (node.args[0],), node, canonical.channel_constant(1.0, None), label="identity")
+    if t in _LAYER_NORM:
+        b = _bind(node, ("input", "normalized_shape", "weight", "bias", "eps"), {"weight": None, "bias": None})
+        return _layer_norm(ctx, node, b["input"], b["normalized_shape"], b["weight"], b["bias"])
+    if t in ADD or t in SUB:
+        return _add_sub(ctx, node, "sub" if t in SUB else "add")
+    if t in MUL or t in DIV:
+        return _mul_div(ctx, node, div=t in DIV)
+    if t in NEG:
+        x = node.args[0]
+        return Op(node, "affine", (x,), node, canonical.channel_constant(-1.0, shape_of(x)), label="neg")
+    return None
+
+
+def _operands(ctx: FxContext, node: fx.Node) -> tuple[Any, Any, dict]:
+    a = node.args[0] if node.args else node.kwargs.get("input", node.kwargs.get("self"))
+    b = node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
+    return a, b, dict(node.kwargs)
+
+
+def _const_operand(ctx: FxContext, v: Any) -> torch.Tensor | float | None:
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return float(v)
+    if isinstance(v, fx.Node):
+        return ctx.const(v)
+    return None
+
+
+def _add_sub(ctx: FxContext, node: fx.Node, kind: str) -> Op | None:
+    a, b, kw = _operands(ctx, node)
+    alpha = kw.get("alpha", node.args[2] if len(node.args) > 2 else 1)
+    if alpha != 1 or "out" in kw:
+        return None
+    ca, cb = _const_operand(ctx, a), _const_operand(ctx, b)
+    if ca is None and cb is None:
+        if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+            return None
+        if shape_of(a) is not None and shape_of(a) != shape_of(b):
+            raise Refusal("broadcast", f"sum of values of shapes {shape_of(a)} and {shape_of(b)}")
+        return Op(node, kind, (a, b), node, label=kind)
+    if ca is not None and cb is not None:
+        return None
+    x, c = (a, cb) if cb is not None else (b, ca)
+    if not isinstance(x, fx.Node):
+        return None
+    if kind == "add":
+        m = canonical.shift_constant(c, shape_of(x))
+    elif cb is not None:  # x - c
+        m = canonical.shift_constant(-c if isinstance(c, float) else -c.double(), shape_of(x))
+    else:  # c - x
+        d = canonical.shift_constant(c, shape_of(x))
+        m = type(d)(-d.scale, d.shift, d.axis)
+    return Op(node, "affine", (x,), node, m, label="shift")
+
+
+def _mul_div(ctx: FxContext, node: fx.Node, div: bool) -> Op | None:
+    a, b, kw = _operands(ctx, node)
+    if "rounding_mode" in kw and kw["rounding_mode"] is not None:
+        return None
+    ca, cb = _const_operand(ctx, a), _const_operand(ctx, b)
+    if (ca is None) == (cb is None):
+        return None
+    if div and cb is None:
+        return None  # c / x is not linear
+    x, c = (a, cb) if cb is not None else (b, ca)
+    if not isinstance(x, fx.Node):
+        return None
+    if div:
+        c = 1.0 / c if isinstance(c, float) else 1.0 / c.double()
+    return Op(node, "affine", (x,), node, canonical.channel_constant(c, shape_of(x)), label="scale")
+
+
+def _layer_norm(ctx, node, x, normalized_shape, weight, bias) -> Op | None:
+    w = _need(ctx, weight, "LayerNorm weight", optional=True)
+    bb = _need(ctx, bias, "LayerNorm bias", optional=True)
+    m = canonical.layer_norm_affine(normalized_shape, w, bb)
+    if m is None:
+        return None
+    return Op(node, "affine", (x,), node, m, split=True, label="layer_norm")
+
+
+def _recognize_module(ctx: FxContext, node: fx.Node) -> Op | None:
+    mod = ctx.module(node)
+    x = node.args[0] if node.args else None
+    label = type(mod).__name__
+
+    def affine(m):
+        return Op(node, "affine", (x,), node, m, label=label)
+
+    if isinstance(mod, nn.Linear):
+        return affine(canonical.linear(mod.weight, mod.bias))
+    if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return affine(canonical.conv(mod.weight, mod.bias, mod.stride, mod.padding, mod.dilation, mod.groups,
+                                     mod.padding_mode))  # fmt: skip
+    if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+        if mod.training or not mod.track_running_stats:
+            raise Refusal("training-mode", f"{label} uses batch statistics (training mode)")
+        return affine(canonical.batch_norm(mod.running_mean, mod.running_var, mod.weight, mod.bias, mod.eps,
+                                           _rank(x)))  # fmt: skip
+    if isinstance(mod, nn.LayerNorm):
+        if not mod.elementwise_affine:
+            return None
+        return _layer_norm(ctx, node, x, mod.normalized_shape, mod.weight, mod.bias)
+    if isinstance(mod, (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)):
+        nd = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}[type(mod)]
+        return affine(canonical.avg_pool(mod.kernel_size, mod.stride, mod.padding, _channels(x), nd,
+                                         mod.ceil_mode, mod.count_include_pad,
+                                         getattr(mod, "divisor_override", None)))  # fmt: skip
+    if isinstance(mod, nn.modules.dropout._DropoutNd):
+        if mod.training and mod.p > 0:
+            raise Refusal("training-mode", f"{label} in training mode is not the identity")
+        return affine(canonical.channel_constant(1.0, None))
+    if isinstance(mod, nn.Identity):
+        return affine(canonical.channel_constant(1.0, None))
+    return None

@@ -1,0 +1,64 @@
+"""What a fold did, in a form for people (rich table) and for programs (``to_dict``)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class FoldedRegion:
+    kind: str  # "parallel-sum" or "chain" (or "horizontal")
+    ops: list[str]  # labels of the original ops, in graph order
+    at: str  # the value the fused op now computes
+    macs_before: int  # multiply-adds per output position
+    macs_after: int
+
+
+@dataclass
+class Skipped:
+    at: str
+    reason: str  # category: shared-weight, training-mode, geometry, padding-border, cost, failed-check, ...
+    detail: str
+    ops: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Totals:
+    ops: int
+    params: int
+    macs: int
+
+
+@dataclass
+class FoldReport:
+    folded: list[FoldedRegion] = field(default_factory=list)
+    not_folded: list[Skipped] = field(default_factory=list)
+    before: Totals | None = None
+    after: Totals | None = None
+    max_error: float | None = None  # against the original, over example and random inputs
+    tolerance: float | None = None
+    error_vs_fp32: float | None = None  # low-precision models: folded vs an fp32 reference
+    original_error_vs_fp32: float | None = None
+    verified: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    def counts_by_kind(self) -> dict[str, int]:
+        return dict(Counter(r.kind for r in self.folded))
+
+    def skipped_by_reason(self) -> dict[str, int]:
+        return dict(Counter(s.reason for s in self.not_folded))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["counts_by_kind"] = self.counts_by_kind()
+        d["skipped_by_reason"] = self.skipped_by_reason()
+        return d
+
+    def render(self, title: str = "branchfold") -> str:
+        from branchfold.render import render_report
+
+        return render_report(self, title)
+
+    def __str__(self) -> str:
+        return self.render()

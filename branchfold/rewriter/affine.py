@@ -1,0 +1,375 @@
+"""Affine maps ``y = W ⊛ x + b`` with constant ``W`` and ``b``, and the two operations on them.
+
+This is the only place where folding math lives: the FX and ONNX adapters turn ops into these maps,
+ask for ``add_maps`` / ``compose_maps``, and write the result back. Every map is held in float64 so that
+a chain of folds loses nothing before the final cast to the model's dtype.
+
+A map acts along one *channel axis*, written as a negative index so that it does not depend on the
+batch rank: a dense map on the last axis (-1), a d-dimensional convolution on axis -(d+1), a
+per-channel scale/shift on whichever axis its constant varies along (or on none: a scalar).
+Maps on different axes never combine.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import torch
+
+F64 = torch.float64
+
+
+class Refusal(Exception):
+    """A fold that would not be exact (or would not pay off), with a category for the report."""
+
+    def __init__(self, category: str, detail: str) -> None:
+        super().__init__(f"{category}: {detail}")
+        self.category = category
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Diagonal:
+    """Per-channel ``scale * x + shift`` (BatchNorm in eval, LayerScale, constant mul/add, identity).
+
+    ``axis`` is None for a scalar map, which is compatible with every axis.
+    """
+
+    scale: torch.Tensor  # [C] or [] (scalar)
+    shift: torch.Tensor  # [C] or []
+    axis: int | None = None
+
+    @property
+    def channels(self) -> int | None:
+        n = max(self.scale.numel(), self.shift.numel())
+        return n if self.axis is not None else None
+
+    @property
+    def is_identity(self) -> bool:
+        return bool((self.scale == 1).all() and (self.shift == 0).all())
+
+    @property
+    def has_shift(self) -> bool:
+        return bool((self.shift != 0).any())
+
+    def macs(self) -> int:
+        """Per output position: one multiply-add per channel, nothing for an identity."""
+        if self.is_identity:
+            return 0
+        return self.channels or 1
+
+    def params(self) -> int:
+        return self.scale.numel() + self.shift.numel()
+
+
+@dataclass(frozen=True)
+class Dense:
+    """``x @ W.T + b`` on the last axis."""
+
+    weight: torch.Tensor  # [out, in]
+    bias: torch.Tensor  # [out]
+    axis: int = field(default=-1, init=False)
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    def macs(self) -> int:
+        return self.weight.numel()
+
+    def params(self) -> int:
+        return self.weight.numel() + self.bias.numel()
+
+
+@dataclass(frozen=True)
+class Conv:
+    """A d-dimensional cross-correlation (torch/ONNX Conv) with per-side padding.
+
+    ``padding`` holds (low, high) per spatial dim so that the sum of convs whose kernels are
+    centred differently can be written exactly. ``padding_mode`` other than "zeros" is only ever
+    combined with identical geometry.
+    """
+
+    weight: torch.Tensor  # [out, in/groups, *k]
+    bias: torch.Tensor  # [out]
+    stride: tuple[int, ...]
+    padding: tuple[tuple[int, int], ...]
+    dilation: tuple[int, ...]
+    groups: int = 1
+    padding_mode: str = "zeros"
+
+    @property
+    def nd(self) -> int:
+        return self.weight.dim() - 2
+
+    @property
+    def axis(self) -> int:
+        return -(self.nd + 1)
+
+    @property
+    def kernel(self) -> tuple[int, ...]:
+        return tuple(self.weight.shape[2:])
+
+    @property
+    def in_channels(self) -> int:
+        return self.weight.shape[1] * self.groups
+
+    @property
+    def out_channels(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def has_padding(self) -> bool:
+        return any(lo or hi for lo, hi in self.padding)
+
+    @property
+    def symmetric_padding(self) -> tuple[int, ...] | None:
+        if all(lo == hi for lo, hi in self.padding):
+            return tuple(lo for lo, _ in self.padding)
+        return None
+
+    def macs(self) -> int:
+        return self.weight.numel()
+
+    def params(self) -> int:
+        return self.weight.numel() + self.bias.numel()
+
+
+AffineMap = Dense | Conv | Diagonal
+
+
+def identity() -> Diagonal:
+    return Diagonal(torch.ones((), dtype=F64), torch.zeros((), dtype=F64), None)
+
+
+def out_channels(m: AffineMap) -> int | None:
+    if isinstance(m, Dense):
+        return m.out_features
+    if isinstance(m, Conv):
+        return m.out_channels
+    return m.channels
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+
+
+def _axes_compatible(a: int | None, b: int | None) -> bool:
+    return a is None or b is None or a == b
+
+
+def _common_axis(a: int | None, b: int | None) -> int | None:
+    return a if a is not None else b
+
+
+def _diag_vectors(d: Diagonal, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scale and shift of ``d`` as length-``channels`` vectors."""
+    if d.channels is not None and d.channels != channels:
+        raise Refusal("shape", f"per-channel constant of size {d.channels} on {channels} channels")
+    return d.scale.expand(channels).clone(), d.shift.expand(channels).clone()
+
+
+def _diag_broadcast(a: Diagonal, b: Diagonal) -> tuple[torch.Tensor, ...]:
+    if a.channels and b.channels and a.channels != b.channels:
+        raise Refusal("shape", f"per-channel constants of sizes {a.channels} and {b.channels}")
+    return torch.broadcast_tensors(a.scale, a.shift, b.scale, b.shift)
+
+
+def _regroup(c: Conv, groups: int) -> Conv:
+    """Rewrite ``c`` with fewer groups (a divisor of its own) by block-diagonal zero expansion."""
+    if groups == c.groups:
+        return c
+    assert c.groups % groups == 0
+    out_c, in_per_g = c.out_channels, c.weight.shape[1]
+    in_per_new = c.in_channels // groups
+    w = torch.zeros((out_c, in_per_new, *c.kernel), dtype=F64)
+    out_per_g, out_per_new = out_c // c.groups, out_c // groups
+    for o in range(0, out_c, out_per_g):
+        g = o // out_per_g
+        base = g * in_per_g - (o // out_per_new) * in_per_new
+        w[o : o + out_per_g, base : base + in_per_g] = c.weight[o : o + out_per_g]
+    return replace(c, weight=w, groups=groups)
+
+
+def _diag_as_conv(d: Diagonal, like: Conv) -> Conv:
+    """A per-channel map written as a conv that can be summed with ``like``.
+
+    For zero padding this is a depthwise 1x1 conv (the union of offsets handles the alignment).
+    For other padding modes the kernel must sit inside ``like``'s own geometry, at the tap that
+    reads the output position itself, so that both convs pad identically.
+    """
+    if like.in_channels != like.out_channels:
+        raise Refusal("shape", "identity branch needs as many input as output channels")
+    if any(s != 1 for s in like.stride):
+        raise Refusal("geometry", "identity branch beside a strided conv")
+    scale, _ = _diag_vectors(d, like.out_channels)
+    c = like.out_channels
+    if like.padding_mode == "zeros":
+        w = scale.reshape(c, 1, *([1] * like.nd))
+        return Conv(w, torch.zeros(c, dtype=F64), like.stride, ((0, 0),) * like.nd, like.dilation, c)
+    taps = []
+    for k, (lo, hi), dil in zip(like.kernel, like.padding, like.dilation):
+        if lo % dil or lo + hi != (k - 1) * dil:
+            raise Refusal("geometry", "identity branch is not centred on the conv's padding")
+        taps.append(lo // dil)
+    w = torch.zeros((c, 1, *like.kernel), dtype=F64)
+    w[(slice(None), 0, *taps)] = scale
+    return replace(like, weight=w, bias=torch.zeros(c, dtype=F64), groups=c)
+
+
+def _add_convs(a: Conv, b: Conv) -> Conv:
+    if a.nd != b.nd:
+        raise Refusal("geometry", "convs of different dimensionality")
+    if a.stride != b.stride:
+        raise Refusal("geometry", f"different strides {a.stride} and {b.stride}")
+    if a.dilation != b.dilation:
+        raise Refusal("geometry", f"different dilations {a.dilation} and {b.dilation}")
+    if a.in_channels != b.in_channels or a.out_channels != b.out_channels:
+        raise Refusal("shape", "convs with different channel counts")
+    groups = math.gcd(a.groups, b.groups)
+    a, b = _regroup(a, groups), _regroup(b, groups)
+    if a.padding_mode != "zeros" or b.padding_mode != "zeros":
+        if a.padding_mode != b.padding_mode or a.kernel != b.kernel or a.padding != b.padding:
+            raise Refusal(
+                "geometry", f"padding mode {a.padding_mode!r}/{b.padding_mode!r} needs identical geometry"
+            )
+        return replace(a, weight=a.weight + b.weight, bias=a.bias + b.bias)
+    # Zero padding: place both kernels on the union of the input offsets each output reads.
+    kernel, padding, slots_a, slots_b = [], [], [], []
+    for ka, kb, (la, ha), (lb, hb), d in zip(a.kernel, b.kernel, a.padding, b.padding, a.dilation):
+        end_a, end_b = -la + (ka - 1) * d, -lb + (kb - 1) * d
+        if (la - lb) % d:
+            raise Refusal("geometry", "kernels fall on different dilation grids")
+        if ha - end_a != hb - end_b:
+            raise Refusal("geometry", "misaligned padding: the branches' outputs are not centred alike")
+        start, end = min(-la, -lb), max(end_a, end_b)
+        kernel.append((end - start) // d + 1)
+        padding.append((-start, ha - end_a + end))
+        slots_a.append(slice((-la - start) // d, (-la - start) // d + ka))
+        slots_b.append(slice((-lb - start) // d, (-lb - start) // d + kb))
+    if any(lo < 0 or hi < 0 for lo, hi in padding):
+        raise Refusal("geometry", "the summed conv would need negative padding")
+    w = torch.zeros((a.out_channels, a.weight.shape[1], *kernel), dtype=F64)
+    w[(slice(None), slice(None), *slots_a)] += a.weight
+    w[(slice(None), slice(None), *slots_b)] += b.weight
+    return replace(a, weight=w, bias=a.bias + b.bias, padding=tuple(padding))
+
+
+# ----------------------------------------------------------------------------------------------
+# sum
+
+
+def add_maps(a: AffineMap, b: AffineMap) -> AffineMap:
+    """``a(x) + b(x)`` as one map, or Refusal."""
+    if not _axes_compatible(a.axis, b.axis):
+        raise Refusal("geometry", f"maps on different axes ({a.axis} and {b.axis})")
+    if isinstance(b, Diagonal) and not isinstance(a, Diagonal):
+        a, b = b, a
+    if isinstance(a, Diagonal):
+        if isinstance(b, Diagonal):
+            s1, t1, s2, t2 = _diag_broadcast(a, b)
+            return Diagonal(s1 + s2, t1 + t2, _common_axis(a.axis, b.axis))
+        if isinstance(b, Dense):
+            if b.in_features != b.out_features:
+                raise Refusal("shape", "identity branch beside a non-square linear")
+            scale, shift = _diag_vectors(a, b.out_features)
+            return Dense(b.weight + torch.diag(scale), b.bias + shift)
+        _, shift = _diag_vectors(a, b.out_channels)
+        conv = _add_convs(_diag_as_conv(a, b), b)
+        return replace(conv, bias=conv.bias + shift)
+    if isinstance(a, Dense) and isinstance(b, Dense):
+        if a.weight.shape != b.weight.shape:
+            raise Refusal("shape", f"linears of shapes {tuple(a.weight.shape)} and {tuple(b.weight.shape)}")
+        return Dense(a.weight + b.weight, a.bias + b.bias)
+    if isinstance(a, Conv) and isinstance(b, Conv):
+        return _add_convs(a, b)
+    raise Refusal("geometry", f"cannot add {type(a).__name__} and {type(b).__name__}")
+
+
+def negate(m: AffineMap) -> AffineMap:
+    if isinstance(m, Diagonal):
+        return Diagonal(-m.scale, -m.shift, m.axis)
+    return replace(m, weight=-m.weight, bias=-m.bias)
+
+
+# ----------------------------------------------------------------------------------------------
+# compose
+
+
+def compose_maps(outer: AffineMap, inner: AffineMap) -> AffineMap:
+    """``outer(inner(x))`` as one map, or Refusal."""
+    if not _axes_compatible(outer.axis, inner.axis):
+        raise Refusal("geometry", f"maps on different axes ({inner.axis} then {outer.axis})")
+    if isinstance(outer, Diagonal) and isinstance(inner, Diagonal):
+        s1, t1, s2, t2 = _diag_broadcast(inner, outer)
+        return Diagonal(s2 * s1, s2 * t1 + t2, _common_axis(outer.axis, inner.axis))
+    if isinstance(outer, Diagonal):
+        scale, shift = _diag_vectors(outer, out_channels(inner))
+        view = scale.reshape(-1, *([1] * (inner.weight.dim() - 1)))
+        return replace(inner, weight=inner.weight * view, bias=inner.bias * scale + shift)
+    if isinstance(inner, Diagonal):
+        return _compose_after_diagonal(outer, inner)
+    if isinstance(outer, Dense) and isinstance(inner, Dense):
+        if outer.in_features != inner.out_features:
+            raise Refusal("shape", "linear chain with mismatched widths")
+        return Dense(outer.weight @ inner.weight, outer.weight @ inner.bias + outer.bias)
+    if isinstance(outer, Conv) and isinstance(inner, Conv):
+        return _compose_convs(outer, inner)
+    raise Refusal("geometry", f"cannot chain {type(inner).__name__} into {type(outer).__name__}")
+
+
+def _compose_after_diagonal(outer: Dense | Conv, inner: Diagonal) -> AffineMap:
+    if isinstance(outer, Dense):
+        scale, shift = _diag_vectors(inner, outer.in_features)
+        return Dense(outer.weight * scale, outer.weight @ shift + outer.bias)
+    scale, shift = _diag_vectors(inner, outer.in_channels)
+    g, in_per_g = outer.groups, outer.weight.shape[1]
+    out_per_g = outer.out_channels // g
+    spatial = [1] * outer.nd
+    w = outer.weight.reshape(g, out_per_g, in_per_g, *outer.kernel) * scale.reshape(g, 1, in_per_g, *spatial)
+    bias = outer.bias
+    if inner.has_shift:
+        if outer.padding_mode == "zeros" and outer.has_padding:
+            raise Refusal("padding-border", "a shift before a zero-padded conv is wrong at the borders")
+        per_in = outer.weight.reshape(g, out_per_g, in_per_g, -1).sum(-1)
+        bias = bias + (per_in * shift.reshape(g, 1, in_per_g)).sum(-1).reshape(-1)
+    return replace(outer, weight=w.reshape(outer.weight.shape), bias=bias)
+
+
+def _is_pointwise(c: Conv) -> bool:
+    return (
+        all(k == 1 for k in c.kernel)
+        and all(s == 1 for s in c.stride)
+        and not c.has_padding
+        and c.groups == 1
+    )
+
+
+def _compose_convs(outer: Conv, inner: Conv) -> Conv:
+    if outer.in_channels != inner.out_channels:
+        raise Refusal("shape", "conv chain with mismatched channels")
+    if _is_pointwise(inner):
+        # 1x1 then KxK: the 1x1 commutes with any padding mode; its bias only with no zero padding.
+        # A grouped KxK (average pooling is depthwise) is widened to one group; the region's cost
+        # check decides whether that pays.
+        if bool((inner.bias != 0).any()) and outer.padding_mode == "zeros" and outer.has_padding:
+            raise Refusal("padding-border", "a 1x1 conv's bias before a zero-padded conv")
+        outer = _regroup(outer, 1)
+        w1 = inner.weight.flatten(1)  # [mid, in]
+        w = torch.einsum("om...,mi->oi...", outer.weight, w1)
+        bias = outer.bias + torch.einsum("om...,m->o", outer.weight, inner.bias)
+        return replace(outer, weight=w, bias=bias)
+    if _is_pointwise(outer) and inner.groups == 1 and outer.padding_mode == "zeros":
+        w2 = outer.weight.flatten(1)  # [out, mid]
+        w = torch.einsum("om,mi...->oi...", w2, inner.weight)
+        return replace(inner, weight=w, bias=w2 @ inner.bias + outer.bias)
+    raise Refusal("geometry", "only 1x1 convs (stride 1, no padding, no groups) chain into other convs")
+
+
+def cast_tensor(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t.detach().to(dtype).contiguous()

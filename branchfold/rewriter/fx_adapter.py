@@ -1,0 +1,228 @@
+"""Reads an FX graph into the neutral walk and writes each region back as one op.
+
+The new ops are written in the graph's own dialect (ATen overloads for torch.export graphs,
+torch functions otherwise) so the result stays valid for whatever consumes that dialect. Folded
+weights are new parameters with fresh names on the GraphModule; the user's tensors and modules are
+never written to, and a weight still used elsewhere stays for its other users.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from branchfold.patterns.fx_ops import FxContext, dtype_of, recognize
+from branchfold.rewriter.affine import Conv, Dense, Diagonal, cast_tensor
+from branchfold.rewriter.region import NotFolded, Op, Region, SplitSource, WalkResult, find_regions
+
+aten = torch.ops.aten
+
+
+@dataclass
+class FxFoldResult:
+    regions: list[Region]
+    not_folded: list[NotFolded]
+    walk: WalkResult
+
+
+def uses_aten(graph: fx.Graph) -> bool:
+    return any(isinstance(n.target, torch._ops.OpOverload) for n in graph.nodes if n.op == "call_function")
+
+
+def graph_ops(ctx: FxContext) -> tuple[list[Op], set[fx.Node]]:
+    ops, outputs = [], set()
+    for node in ctx.gm.graph.nodes:
+        if node.op == "output":
+            outputs.update(node.all_input_nodes)
+        elif node.op in ("call_function", "call_method", "call_module"):
+            ops.append(recognize(ctx, node))
+    _mark_shared(ctx, ops)
+    return ops, outputs
+
+
+def _stored_tensors(ctx: FxContext, node: fx.Node) -> set[str]:
+    """Names of the stored tensors (or the module) an op reads its constants from."""
+    if node.op == "call_module":
+        return {f"module:{node.target}"}
+    found: set[str] = set()
+    stack = [a for a in node.all_input_nodes if ctx.const(a) is not None]
+    while stack:
+        n = stack.pop()
+        if n.op == "get_attr":
+            found.add(f"attr:{n.target}")
+        elif n.op == "placeholder":
+            found.add(f"input:{n.target}")
+        else:
+            stack.extend(n.all_input_nodes)
+    return found
+
+
+def _mark_shared(ctx: FxContext, ops: list[Op]) -> None:
+    """Flag affine ops whose weights other ops read too (a module called from several places)."""
+    stored = {op.key: _stored_tensors(ctx, op.key) for op in ops if op.kind == "affine"}
+    readers: dict[str, int] = {}
+    for names in stored.values():
+        for name in names:
+            readers[name] = readers.get(name, 0) + 1
+    for op in ops:
+        if stored.get(op.key):
+            op.shared = any(readers[name] > 1 for name in stored[op.key])
+
+
+def fold_graph(
+    gm: fx.GraphModule,
+    constants: Mapping[str, torch.Tensor] | None = None,
+    select: Callable[[Region], bool] | None = None,
+) -> FxFoldResult:
+    """Fold the regions of ``gm`` (all, or those ``select`` keeps) in place: its graph and new attributes."""
+    ctx = FxContext(gm, dict(constants or {}))
+    ops, outputs = graph_ops(ctx)
+    walk = find_regions(ops, outputs)
+    if select is not None:
+        walk.regions = [r for r in walk.regions if select(r)]
+    if walk.regions:
+        _Emitter(gm, ctx, walk).emit()
+    return FxFoldResult(walk.regions, walk.not_folded, walk)
+
+
+class _Emitter:
+    def __init__(self, gm: fx.GraphModule, ctx: FxContext, walk: WalkResult) -> None:
+        self.gm, self.ctx, self.walk = gm, ctx, walk
+        self.graph = gm.graph
+        self.aten = uses_aten(gm.graph)
+        self.replaced: dict[fx.Node, fx.Node] = {}
+        self.plain: dict[fx.Node, fx.Node] = {}  # LayerNorm node -> the same LayerNorm without γ, β
+        self.counter = 0
+        self.stored: dict[tuple, list[tuple[torch.Tensor, fx.Node]]] = {}  # content -> (tensor, get_attr)
+
+    def emit(self) -> None:
+        order = {n: i for i, n in enumerate(self.graph.nodes)}
+        for region in sorted(self.walk.regions, key=lambda r: order[r.value]):
+            value: fx.Node = region.value
+            with self.graph.inserting_before(value):
+                src = self._source(region.source)
+                dtype, device = self._dtype_device(region)
+                new = self._apply(region.map, src, dtype, device, value)
+            value.replace_all_uses_with(new)
+            self.replaced[value] = new
+        self._remove_dead()
+
+    def _source(self, source) -> fx.Node:
+        if isinstance(source, SplitSource):
+            ln: fx.Node = source.op
+            if ln not in self.plain:
+                self.plain[ln] = self._plain_layer_norm(ln)
+            return self.plain[ln]
+        return self.replaced.get(source, source)
+
+    def _plain_layer_norm(self, ln: fx.Node) -> fx.Node:
+        if ln.op == "call_module":
+            mod = self.gm.get_submodule(ln.target)
+            x, shape, eps = ln.args[0], list(mod.normalized_shape), mod.eps
+        else:
+            x = ln.args[0] if ln.args else ln.kwargs["input"]
+            shape = ln.args[1] if len(ln.args) > 1 else ln.kwargs["normalized_shape"]
+            eps = ln.args[4] if len(ln.args) > 4 else ln.kwargs.get("eps", 1e-5)
+        x = self.replaced.get(x, x)
+        fn = aten.layer_norm.default if self.aten else F.layer_norm
+        return self.graph.call_function(fn, (x, list(shape), None, None, eps))
+
+    def _dtype_device(self, region: Region) -> tuple[torch.dtype, torch.device]:
+        for key in reversed(region.ops):
+            node: fx.Node = key
+            for a in node.all_input_nodes:
+                t = self.ctx.const(a)
+                if t is not None and t.is_floating_point():
+                    return t.dtype, t.device
+            if node.op == "call_module":
+                for p in self.gm.get_submodule(node.target).parameters():
+                    return p.dtype, p.device
+        dtype = dtype_of(region.value) or torch.float32
+        return dtype, torch.device("cpu")
+
+    # -- writing ops ------------------------------------------------------------------------------
+
+    def _param(self, t: torch.Tensor, dtype, device, hint: str) -> fx.Node:
+        """A fresh parameter for a folded tensor; equal tensors are stored once.
+
+        A module called from several places (GroupedMLP) folds to the same weights at each call site:
+        de-duplicating by content keeps the sharing instead of multiplying the parameters.
+        """
+        value = cast_tensor(t, dtype).to(device)
+        key = (tuple(value.shape), value.dtype, value.device, float(value.double().sum()))
+        for other, node in self.stored.get(key, ()):
+            if torch.equal(other, value):
+                return self.graph.get_attr(node.target)
+        while True:
+            self.counter += 1
+            name = f"branchfold_{self.counter}_{hint}"
+            if not hasattr(self.gm, name):
+                break
+        self.gm.register_parameter(name, nn.Parameter(value, requires_grad=False))
+        node = self.graph.get_attr(name)
+        self.stored.setdefault(key, []).append((value, node))
+        return node
+
+    def _call(self, torch_fn, aten_fn, args) -> fx.Node:
+        return self.graph.call_function(aten_fn if self.aten else torch_fn, tuple(args))
+
+    def _apply(self, m, src: fx.Node, dtype, device, like: fx.Node) -> fx.Node:
+        if isinstance(m, Dense):
+            w = self._param(m.weight, dtype, device, "weight")
+            b = self._param(m.bias, dtype, device, "bias") if bool((m.bias != 0).any()) else None
+            return self._call(F.linear, aten.linear.default, (src, w, b))
+        if isinstance(m, Conv):
+            return self._conv(m, src, dtype, device)
+        return self._diagonal(m, src, dtype, device, like)
+
+    def _conv(self, m: Conv, src: fx.Node, dtype, device) -> fx.Node:
+        pads = m.symmetric_padding
+        if pads is None or m.padding_mode != "zeros":
+            flat = [p for lo_hi in reversed(m.padding) for p in lo_hi]
+            mode = {"zeros": "constant"}.get(m.padding_mode, m.padding_mode)
+            if self.aten:
+                src = self.graph.call_function(aten.pad.default, (src, flat, mode))
+            else:
+                src = self.graph.call_function(F.pad, (src, flat), {"mode": mode})
+            pads = (0,) * m.nd
+        w = self._param(m.weight, dtype, device, "weight")
+        b = self._param(m.bias, dtype, device, "bias") if bool((m.bias != 0).any()) else None
+        args = (src, w, b, list(m.stride), list(pads), list(m.dilation), m.groups)
+        fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[m.nd]
+        afn = {1: aten.conv1d.default, 2: aten.conv2d.default, 3: aten.conv3d.default}[m.nd]
+        return self._call(fn, afn, args)
+
+    def _diagonal(self, m: Diagonal, src: fx.Node, dtype, device, like: fx.Node) -> fx.Node:
+        if m.is_identity:
+            return src
+        view = (-1,) + (1,) * (-m.axis - 1) if m.axis is not None else ()
+        scale = self._param(m.scale.reshape(view), dtype, device, "scale")
+        if not m.has_shift:
+            return self._call(torch.mul, aten.mul.Tensor, (src, scale))
+        shift = self._param(m.shift.reshape(view), dtype, device, "shift")
+        if bool((m.scale == 1).all()):
+            return self._call(torch.add, aten.add.Tensor, (src, shift))
+        return self._call(torch.addcmul, aten.addcmul.default, (shift, src, scale))
+
+    def _remove_dead(self) -> None:
+        """Erase the ops the regions replaced, and what only they used; nothing else is touched."""
+        candidates = [k for r in self.walk.regions for k in r.ops] + list(self.replaced)
+        seen = set()
+        while candidates:
+            node = candidates.pop()
+            if node in seen or node.graph is not self.graph:
+                continue
+            if node.users or node.op in ("placeholder", "output") or node.is_impure():
+                continue
+            seen.add(node)
+            inputs = node.all_input_nodes
+            self.graph.erase_node(node)
+            candidates.extend(n for n in inputs if n.op in ("get_attr", "call_function", "call_method"))
+        for node in list(self.graph.nodes):  # a weight read by several folded regions dies with the last
+            if node.op == "get_attr" and not node.users:
+                self.graph.erase_node(node)
+        self.graph.lint()

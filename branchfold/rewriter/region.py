@@ -1,0 +1,266 @@
+"""The frontend-neutral region walk (DESIGN.md §2, "finding regions by abstract interpretation").
+
+Adapters describe their graph as a topologically ordered list of ``Op``s over hashable value ids.
+The walk gives every value an expression "affine map M of source s" and returns the values where a
+region ends (used by something that cannot absorb it, or a graph output) together with the fused
+map. One walk covers parallel sums, chains, identity shortcuts and nesting.
+
+Two decisions cannot be made locally, so the walk runs to a fixpoint over a set of *blocked* values
+(treated as opaque sources): a region whose fused map is costlier than the ops it replaces blocks the
+operands of its last op, and a split source (LayerNorm's normalisation under its affine) that would be
+needed both folded and unfolded is blocked too. Each round blocks at least one value, and in practice
+two or three rounds suffice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from branchfold.rewriter.affine import (
+    AffineMap,
+    Diagonal,
+    Refusal,
+    add_maps,
+    compose_maps,
+    identity,
+    negate,
+    out_channels,
+)
+
+OpKind = Literal["affine", "add", "sub", "opaque"]
+
+
+@dataclass(frozen=True)
+class SplitSource:
+    """The value an op produces *before* its trailing affine part (LayerNorm without γ, β)."""
+
+    op: Hashable
+
+
+Source = Hashable  # a value id, or a SplitSource
+
+
+@dataclass
+class Op:
+    """One node of the adapter's graph, as the walk needs to see it.
+
+    ``affine``: ``output = map(inputs[0])``; with ``split`` the map sits on top of the op's own
+    opaque computation of ``inputs[0]`` (so the region's source is ``SplitSource(key)``).
+    ``add`` / ``sub``: ``output = inputs[0] ± inputs[1]``. ``opaque``: anything else.
+    ``refusal`` says why an op that looked foldable is opaque (for the report).
+    """
+
+    key: Hashable
+    kind: OpKind
+    inputs: tuple[Hashable, ...]
+    output: Hashable | None
+    map: AffineMap | None = None
+    split: bool = False
+    label: str = ""
+    refusal: Refusal | None = None
+    shared: bool | None = None  # its weights are also read by other ops (None: it has no weights)
+
+
+@dataclass(frozen=True)
+class Expr:
+    source: Source
+    map: AffineMap
+    ops: tuple[Hashable, ...]  # keys of the original ops folded into this expression
+    cost: int  # multiply-adds per output position of those ops, as they stand
+    shared: bool | None = None
+
+
+def _sharing(a: bool | None, b: bool | None) -> bool | None:
+    """Folding a weight read from several places with a weight of this place alone would un-share it
+    (GroupedMLP: one MLP called from several blocks, each with its own LayerNorm)."""
+    if a is None or b is None or a == b:
+        return b if a is None else a
+    raise Refusal("shared-weight", "weight is shared with other call sites; folding would un-share it")
+
+
+@dataclass
+class Region:
+    """A value to be recomputed as ``map(source)`` by one new op."""
+
+    value: Hashable
+    source: Source
+    map: AffineMap
+    ops: tuple[Hashable, ...]
+    labels: tuple[str, ...]
+    cost_before: int
+    cost_after: int
+
+    @property
+    def kind(self) -> str:
+        return "parallel-sum" if any(lbl in ("add", "sub") for lbl in self.labels) else "chain"
+
+
+@dataclass
+class NotFolded:
+    where: Hashable
+    category: str
+    detail: str
+    labels: tuple[str, ...] = ()
+
+
+@dataclass
+class WalkResult:
+    regions: list[Region]
+    not_folded: list[NotFolded]
+    rounds: int = 1
+    ops_by_key: dict[Hashable, Op] = field(default_factory=dict)
+
+
+def find_regions(ops: Sequence[Op], outputs: Iterable[Hashable], max_rounds: int = 50) -> WalkResult:
+    """Run the walk to its fixpoint and return the regions to emit."""
+    outputs = set(outputs)
+    users: dict[Hashable, int] = {}
+    for op in ops:
+        for v in set(op.inputs):
+            users[v] = users.get(v, 0) + 1
+    by_key = {op.key: op for op in ops}
+    blocked: set[Hashable] = set()
+    cost_refusals: list[NotFolded] = []
+    for rounds in range(1, max_rounds + 1):
+        walk = _Walk(ops, by_key, outputs, users, blocked)
+        walk.run()
+        regions, new_blocks, refused = walk.finish()
+        cost_refusals += refused
+        if not new_blocks - blocked:
+            return WalkResult(regions, walk.not_folded + cost_refusals + _refusals(ops), rounds, by_key)
+        blocked |= new_blocks
+    raise RuntimeError("region walk did not converge")  # each round blocks a new value: unreachable
+
+
+def _refusals(ops: Sequence[Op]) -> list[NotFolded]:
+    return [
+        NotFolded(op.key, op.refusal.category, op.refusal.detail, (op.label,)) for op in ops if op.refusal
+    ]
+
+
+class _Walk:
+    def __init__(self, ops, by_key, outputs, users, blocked) -> None:
+        self.ops = ops
+        self.by_key = by_key
+        self.outputs = outputs
+        self.users = users
+        self.blocked = blocked
+        self.exprs: dict[Hashable, Expr] = {}
+        self.defined_by: dict[Hashable, Op] = {}
+        self.absorbed: dict[Hashable, list[Hashable]] = {}  # op key -> input values it absorbed
+        self.materialized: set[Hashable] = set()
+        self.absorbed_somewhere: set[Hashable] = set()
+        self.not_folded: list[NotFolded] = []
+
+    # -- the walk -------------------------------------------------------------------------------
+
+    def _absorbable(self, v: Hashable) -> bool:
+        e = self.exprs.get(v)
+        if e is None or v in self.blocked or v in self.outputs:
+            return False
+        return self.users.get(v, 0) == 1 or isinstance(e.map, Diagonal)
+
+    def _operand(self, op: Op, v: Hashable) -> Expr | None:
+        """The expression of input ``v`` if ``op`` may absorb it, else None (``v`` is a source)."""
+        if self._absorbable(v):
+            return self.exprs[v]
+        return None
+
+    def _as_source(self, v: Hashable) -> None:
+        self.materialized.add(v)
+
+    def run(self) -> None:
+        for op in self.ops:
+            if op.output is not None:
+                self.defined_by[op.output] = op
+            if op.kind == "affine" and op.output not in self.blocked:
+                self._affine(op)
+            elif op.kind in ("add", "sub") and op.output not in self.blocked:
+                self._sum(op)
+            else:
+                for v in op.inputs:
+                    self._as_source(v)
+
+    def _affine(self, op: Op) -> None:
+        (x,) = op.inputs
+        own_cost = op.map.macs()
+        if op.split:
+            self._as_source(x)
+            self.exprs[op.output] = Expr(SplitSource(op.key), op.map, (op.key,), own_cost, op.shared)
+            return
+        inner = self._operand(op, x)
+        if inner is not None:
+            try:
+                shared = _sharing(inner.shared, op.shared)
+                fused = compose_maps(op.map, inner.map)
+            except Refusal as r:
+                self.not_folded.append(NotFolded(op.key, r.category, r.detail, (op.label,)))
+            else:
+                self.absorbed[op.key] = [x]
+                self.absorbed_somewhere.add(x)
+                ops = inner.ops + (op.key,)
+                self.exprs[op.output] = Expr(inner.source, fused, ops, inner.cost + own_cost, shared)
+                return
+        self._as_source(x)
+        self.exprs[op.output] = Expr(x, op.map, (op.key,), own_cost, op.shared)
+
+    def _sum(self, op: Op) -> None:
+        a, b = op.inputs
+        ea, eb = self._operand(op, a), self._operand(op, b)
+        # ``x + f(x)``: the bare operand is the identity map of the other's source.
+        ea = ea or (Expr(a, identity(), (), 0) if eb is not None and eb.source == a else None)
+        eb = eb or (Expr(b, identity(), (), 0) if ea is not None and ea.source == b else None)
+        if ea is not None and eb is not None and ea.source == eb.source:
+            try:
+                shared = _sharing(ea.shared, eb.shared)
+                mb = negate(eb.map) if op.kind == "sub" else eb.map
+                fused = add_maps(ea.map, mb)
+            except Refusal as r:
+                self.not_folded.append(NotFolded(op.key, r.category, r.detail, (op.label,)))
+            else:
+                taken = [v for v, e in ((a, ea), (b, eb)) if e.ops]
+                for v in (a, b):
+                    if v not in taken:
+                        self._as_source(v)
+                self.absorbed[op.key] = taken
+                self.absorbed_somewhere.update(taken)
+                ops = tuple(dict.fromkeys(ea.ops + eb.ops)) + (op.key,)
+                add_cost = out_channels(fused) or 1  # one add per element
+                self.exprs[op.output] = Expr(ea.source, fused, ops, ea.cost + eb.cost + add_cost, shared)
+                return
+        for v in op.inputs:
+            self._as_source(v)
+
+    # -- regions ----------------------------------------------------------------------------------
+
+    def finish(self) -> tuple[list[Region], set[Hashable], list[NotFolded]]:
+        regions: list[Region] = []
+        blocks: set[Hashable] = set()
+        cost_refusals: list[NotFolded] = []
+        ends = [v for v in self.exprs if v in self.materialized or v in self.outputs]
+        for v in ends:
+            e = self.exprs[v]
+            if isinstance(e.source, SplitSource) and v in self.absorbed_somewhere:
+                blocks.add(v)  # needed both with and without its affine part: keep the op whole
+                continue
+            if len(e.ops) < 2:
+                continue
+            after = e.map.macs()
+            if after > e.cost:
+                last = self.defined_by[v]
+                blocks.update(self.absorbed.get(last.key, ()))
+                if not self.absorbed.get(last.key):
+                    blocks.add(v)
+                labels = tuple(self._label(k) for k in e.ops)
+                cost_refusals.append(
+                    NotFolded(v, "cost", f"fused map costs {after} MACs per position vs {e.cost}", labels)
+                )
+                continue
+            labels = tuple(self._label(k) for k in e.ops)
+            regions.append(Region(v, e.source, e.map, e.ops, labels, e.cost, after))
+        return regions, blocks, cost_refusals
+
+    def _label(self, key: Hashable) -> str:
+        return self.by_key[key].label
