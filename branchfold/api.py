@@ -19,6 +19,14 @@ def fold_with_report(model: Any, args: Sequence = (), kwargs: dict | None = None
     """
     import torch
 
+    if _is_onnx(model):
+        from branchfold.passes.onnx_pipeline import fold_onnx
+
+        return fold_onnx(model, **options)
+    if isinstance(model, torch.export.ExportedProgram):
+        from branchfold.passes.export_pipeline import fold_exported_program
+
+        return fold_exported_program(model, args, kwargs, **options)
     if isinstance(model, torch.nn.Module):
         return fold_module(
             model,
@@ -36,3 +44,11 @@ def fold_with_report(model: Any, args: Sequence = (), kwargs: dict | None = None
 def fold(model: Any, args: Sequence = (), kwargs: dict | None = None, **options) -> Any:
     """Fold ``model`` and return the folded model (the report is on ``fold_with_report``)."""
     return fold_with_report(model, args, kwargs, **options).model
+
+
+def _is_onnx(model: Any) -> bool:
+    """An onnx.ModelProto or onnx_ir.Model, recognized without importing onnx for torch users."""
+    return type(model).__module__.split(".")[0] in ("onnx", "onnx_ir") and type(model).__name__ in (
+        "ModelProto",
+        "Model",
+    )
