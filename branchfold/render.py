@@ -22,7 +22,8 @@ def _fmt(n: int | None) -> str:
 def render_report(report: FoldReport, title: str, max_skipped: int = 12) -> str:
     buf = io.StringIO()
     console = Console(file=buf, width=110, force_terminal=False, color_system=None)
-    totals = Table(title=title, show_edge=False)
+    console.print(title)
+    totals = Table(show_edge=False)
     for col in ("", "before", "after", "ratio"):
         totals.add_column(col, justify="right" if col else "left")
     if report.before and report.after:
@@ -41,7 +42,8 @@ def render_report(report: FoldReport, title: str, max_skipped: int = 12) -> str:
             f"original {report.original_error_vs_fp32:.2e}"
         )
     if report.not_folded:
-        skipped = Table(title="not folded", show_edge=False)
+        console.print("not folded:")
+        skipped = Table(show_edge=False)
         for col in ("where", "reason", "detail"):
             skipped.add_column(col)
         for s in report.not_folded[:max_skipped]:

@@ -126,7 +126,7 @@ def channel_constant(const: torch.Tensor | float | int, x_shape: Sequence[int] |
     cs = (1,) * (rank - c.dim()) + tuple(c.shape)
     varying = [i for i, n in enumerate(cs) if n != 1]
     if len(varying) != 1:
-        raise Refusal("broadcast", f"constant of shape {tuple(c.shape)} varies along several axes")
+        raise Refusal("broadcast", f"constant of shape {tuple(c.shape)} varies along several axes: not a per-channel map")
     (i,) = varying
     if x_shape[i] != cs[i]:
         raise Refusal("broadcast", f"constant of shape {tuple(c.shape)} would broadcast {tuple(x_shape)}")
