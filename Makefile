@@ -19,11 +19,11 @@ demo: $(STAMP)
 	$(VENV)/bin/branchfold demo
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check branchfold tests benchmarks examples
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check branchfold tests benchmarks examples
+	$(VENV)/bin/ruff check .
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run
