@@ -1,0 +1,462 @@
+"""ONNX nodes → the walk's neutral ``Op``.
+
+Each recognizer reads a node's constant operands and attributes and calls one ``canonical``
+constructor, so the meaning of a fold is decided once for every dialect. What is ONNX-specific lives
+here: constants that come from initializers, ``Constant`` nodes or Transpose/Reshape/... of constants;
+Gemm's ``alpha``/``beta``/``transA``/``transB``; BatchNormalization's training mode and extra outputs;
+``auto_pad``; a zero ``Pad`` in front of a Conv; broadcast checks on shapes with symbolic dims.
+
+``OnnxContext`` is meant to be reused by other ONNX rewrites (horizontal fusion): it answers "is this
+value a constant, and which stored tensors does it come from" and "what is this value's shape".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from branchfold.patterns import canonical
+from branchfold.rewriter.affine import Refusal
+from branchfold.rewriter.region import Op
+
+ONNX_DOMAINS = ("", "ai.onnx")
+
+Dim = int | str | None  # a static size, a symbolic dim's name, or unknown
+FLOAT_TYPES = {ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.BFLOAT16}
+
+
+def _attr(node: ir.Node, name: str, default=None):
+    a = node.attributes.get(name)
+    return default if a is None else a.value
+
+
+def _to_numpy(t: ir.TensorProtocol) -> np.ndarray:
+    arr = t.numpy()
+    if t.dtype in FLOAT_TYPES:
+        return np.asarray(arr, dtype=np.float64)
+    return np.asarray(arr)
+
+
+def _constant_attr(node: ir.Node) -> np.ndarray | None:
+    for name, conv in (("value", None), ("value_float", np.float64), ("value_floats", np.float64),
+                       ("value_int", np.int64), ("value_ints", np.int64)):  # fmt: skip
+        a = node.attributes.get(name)
+        if a is None:
+            continue
+        if conv is None:
+            return _to_numpy(a.value)
+        return np.asarray(a.value, dtype=conv)
+    return None  # sparse_value, strings: not something we fold
+
+
+def _reshape(data: np.ndarray, shape: np.ndarray, allowzero: int) -> np.ndarray:
+    dims = [int(d) for d in shape]
+    if not allowzero:
+        dims = [data.shape[i] if d == 0 else d for i, d in enumerate(dims)]
+    return data.reshape(dims)
+
+
+def _axes(node: ir.Node, args: list[np.ndarray]) -> list[int] | None:
+    if len(args) > 1:
+        return [int(a) for a in args[1]]
+    a = _attr(node, "axes")
+    return [int(i) for i in a] if a is not None else None
+
+
+def _unsqueeze(node, args):
+    out = args[0]
+    rank = out.ndim + len(_axes(node, args) or [])
+    for ax in sorted(a % rank for a in _axes(node, args) or []):
+        out = np.expand_dims(out, ax)
+    return out
+
+
+def _squeeze(node, args):
+    axes = _axes(node, args)
+    return np.squeeze(args[0], axis=tuple(axes) if axes is not None else None)
+
+
+# Pure ops evaluated on constants (numpy, float64 for floats: folding is done in float64 anyway).
+_CONST_OPS: dict[str, Callable[[ir.Node, list[np.ndarray]], np.ndarray]] = {
+    "Identity": lambda n, a: a[0],
+    "Transpose": lambda n, a: np.transpose(a[0], _attr(n, "perm")),
+    "Reshape": lambda n, a: _reshape(a[0], a[1], _attr(n, "allowzero", 0)),
+    "Unsqueeze": _unsqueeze,
+    "Squeeze": _squeeze,
+    "Flatten": lambda n, a: a[0].reshape(int(np.prod(a[0].shape[: _attr(n, "axis", 1)])), -1),
+    "Cast": lambda n, a: a[0].astype(np.float64) if _attr(n, "to") in {int(t) for t in FLOAT_TYPES} else None,
+    "Neg": lambda n, a: -a[0],
+}
+
+
+@dataclass
+class OnnxContext:
+    """What a recognizer may ask about the graph: constants (and where they are stored), shapes."""
+
+    graph: ir.Graph
+    _cache: dict[ir.Value, tuple[np.ndarray | None, frozenset[str]]] = field(default_factory=dict)
+
+    def const(self, v: ir.Value | None) -> np.ndarray | None:
+        """The constant a value stands for (float64 for floats), or None if computed from inputs."""
+        return self._lookup(v)[0]
+
+    def const_tensor(self, v: ir.Value | None) -> torch.Tensor | None:
+        c = self.const(v)
+        return None if c is None else torch.from_numpy(np.array(c, dtype=np.float64))
+
+    def stored(self, v: ir.Value | None) -> frozenset[str]:
+        """Names of the initializers a constant value is computed from (for the shared-weight check)."""
+        return self._lookup(v)[1]
+
+    def _lookup(self, v):
+        if v is None:
+            return None, frozenset()
+        if v not in self._cache:
+            self._cache[v] = self._evaluate(v)
+        return self._cache[v]
+
+    def _evaluate(self, v: ir.Value) -> tuple[np.ndarray | None, frozenset[str]]:
+        if v.is_graph_input():
+            return None, frozenset()  # an initializer listed as an input can be overridden at run time
+        if v.is_initializer() or (v.producer() is None and v.const_value is not None):
+            if v.const_value is None:
+                return None, frozenset()
+            return _to_numpy(v.const_value), frozenset({f"init:{v.name}"})
+        node = v.producer()
+        if node is None or node.domain not in ONNX_DOMAINS or len(node.outputs) != 1:
+            return None, frozenset()
+        if node.op_type == "Constant":
+            return _constant_attr(node), frozenset({f"node:{id(node)}"})
+        fn = _CONST_OPS.get(node.op_type)
+        if fn is None:
+            return None, frozenset()
+        looked = [self._lookup(i) for i in node.inputs if i is not None]
+        if not looked or any(c is None for c, _ in looked):
+            return None, frozenset()
+        try:
+            value = fn(node, [c for c, _ in looked])
+        except (ValueError, TypeError, IndexError):
+            return None, frozenset()
+        return value, frozenset().union(*(s for _, s in looked))
+
+    def dims(self, v: ir.Value | None) -> tuple[Dim, ...] | None:
+        """The value's shape: ints, symbolic names, or None per unknown dim; None if rank is unknown."""
+        if v is None:
+            return None
+        c = self.const(v)
+        if c is not None:
+            return tuple(c.shape)
+        if v.shape is None:
+            return None
+        out: list[Dim] = []
+        for d in v.shape:
+            if isinstance(d, int):
+                out.append(d)
+            else:
+                out.append(getattr(d, "value", None))
+        return tuple(out)
+
+
+def shape_of(ctx: OnnxContext, v: ir.Value | None) -> tuple[int | None, ...] | None:
+    """Static shape with None for dynamic dims (the form ``canonical`` checks take)."""
+    d = ctx.dims(v)
+    return None if d is None else tuple(x if isinstance(x, int) else None for x in d)
+
+
+def is_float(v: ir.Value | None) -> bool:
+    return v is not None and v.dtype in FLOAT_TYPES
+
+
+# ----------------------------------------------------------------------------------------------
+# recognizers: each returns (input value, map) or None (opaque), or raises Refusal
+
+
+def _need(ctx: OnnxContext, v: ir.Value | None, what: str, optional: bool = False) -> torch.Tensor | None:
+    if v is None and optional:
+        return None
+    t = ctx.const_tensor(v)
+    if t is None:
+        raise Refusal("non-constant", f"{what} is computed at run time, not a constant")
+    return t
+
+
+def _input(node: ir.Node, i: int) -> ir.Value | None:
+    return node.inputs[i] if len(node.inputs) > i else None
+
+
+def _matmul(ctx, node):
+    x, w = node.inputs[0], node.inputs[1]
+    cw = ctx.const_tensor(w)
+    if cw is None or ctx.const(x) is not None:
+        return None
+    if cw.dim() != 2:
+        raise Refusal("shape", f"MatMul with a constant of rank {cw.dim()}")
+    if (shape_of(ctx, x) or (None,))[-1] not in (None, cw.shape[0]) or len(shape_of(ctx, x) or (0, 0)) < 1:
+        raise Refusal("shape", "MatMul operand does not match its constant")
+    return x, canonical.linear(cw.t())
+
+
+def _gemm(ctx, node):
+    a, b, c = node.inputs[0], node.inputs[1], _input(node, 2)
+    alpha, beta = float(_attr(node, "alpha", 1.0)), float(_attr(node, "beta", 1.0))
+    if _attr(node, "transA", 0):
+        raise Refusal("geometry", "Gemm with transA (the data operand is transposed)")
+    w = _need(ctx, b, "Gemm weight")
+    w = w if _attr(node, "transB", 0) else w.t()  # [out, in]
+    bias = _need(ctx, c, "Gemm bias", optional=True)
+    if bias is not None:
+        n_out = w.shape[0]
+        if bias.dim() > 2 or (bias.dim() == 2 and bias.shape[0] != 1) or bias.numel() not in (1, n_out):
+            raise Refusal("broadcast", f"Gemm bias of shape {tuple(bias.shape)} is not per output feature")
+        bias = beta * bias.reshape(-1).expand(n_out)
+    return a, canonical.linear(alpha * w, bias)
+
+
+def _pads(node: ir.Node, nd: int, x_shape, kernel, strides, dilations) -> list[tuple[int, int]]:
+    auto = _attr(node, "auto_pad", "NOTSET")
+    if auto in ("NOTSET", "", None):
+        p = list(_attr(node, "pads", [0] * 2 * nd))
+        return [(int(p[i]), int(p[i + nd])) for i in range(nd)]
+    if auto == "VALID":
+        return [(0, 0)] * nd
+    spatial = (x_shape or ())[2:] if x_shape else ()
+    pads = []
+    for i in range(nd):
+        size = spatial[i] if len(spatial) == nd else None
+        if strides[i] == 1:
+            total = dilations[i] * (kernel[i] - 1)
+        elif isinstance(size, int):
+            total = max((-(-size // strides[i]) - 1) * strides[i] + dilations[i] * (kernel[i] - 1) + 1 - size, 0)
+        else:
+            raise Refusal("shape", f"{auto} with stride {strides[i]} on a dynamic spatial size")
+        small, big = total // 2, total - total // 2
+        pads.append((small, big) if auto == "SAME_UPPER" else (big, small))
+    return pads
+
+
+def _conv(ctx, node):
+    x, w = node.inputs[0], node.inputs[1]
+    weight = _need(ctx, w, "Conv weight")
+    nd = weight.dim() - 2
+    strides = [int(s) for s in _attr(node, "strides", [1] * nd)]
+    dilations = [int(d) for d in _attr(node, "dilations", [1] * nd)]
+    pads = _pads(node, nd, shape_of(ctx, x), weight.shape[2:], strides, dilations)
+    mode = "zeros"
+    pad_node = x.producer()
+    if pad_node is not None and _foldable_pad(ctx, pad_node, nd) is not None and len(x.uses()) == 1:
+        extra, mode = _foldable_pad(ctx, pad_node, nd)
+        if mode != "zeros" and any(p for pair in pads for p in pair):
+            mode = "mixed"
+        if mode != "mixed":
+            pads = [(lo + a, hi + b) for (lo, hi), (a, b) in zip(pads, extra)]
+            x = pad_node.inputs[0]
+    if mode == "mixed":
+        x = node.inputs[0]
+        mode = "zeros"
+    bias = _need(ctx, _input(node, 2), "Conv bias", optional=True)
+    return x, canonical.conv(weight, bias, strides, pads, dilations, int(_attr(node, "group", 1)), mode)
+
+
+_PAD_MODES = {"constant": "zeros", "reflect": "reflect", "edge": "replicate", "wrap": "circular"}
+
+
+def _foldable_pad(ctx: OnnxContext, node: ir.Node, nd: int) -> tuple[list[tuple[int, int]], str] | None:
+    """A Pad that only pads the spatial dims by non-negative amounts, as (per-dim pads, torch mode)."""
+    if node.op_type != "Pad" or node.domain not in ONNX_DOMAINS or node.outputs[0].is_graph_output():
+        return None
+    mode = _PAD_MODES.get(_attr(node, "mode", "constant"))
+    pads = ctx.const(_input(node, 1))
+    rank = len(shape_of(ctx, node.inputs[0]) or ())
+    if mode is None or pads is None or rank != nd + 2:
+        return None
+    value = _input(node, 2)
+    if value is not None and (ctx.const(value) is None or np.any(ctx.const(value) != 0)):
+        return None
+    axes_v = _input(node, 3)
+    axes = [int(a) % rank for a in ctx.const(axes_v)] if axes_v is not None else list(range(rank))
+    if axes_v is not None and ctx.const(axes_v) is None:
+        return None
+    per_axis = {ax: (int(pads[i]), int(pads[i + len(axes)])) for i, ax in enumerate(axes)}
+    if any(per_axis.get(a, (0, 0)) != (0, 0) for a in (0, 1)):
+        return None
+    extra = [per_axis.get(a, (0, 0)) for a in range(2, rank)]
+    if any(p < 0 for pair in extra for p in pair):
+        return None
+    return extra, mode
+
+
+def _batch_norm(ctx, node):
+    if _attr(node, "training_mode", 0) or any(o.name and o.uses() for o in node.outputs[1:]):
+        raise Refusal("training-mode", "BatchNormalization in training mode (uses batch statistics)")
+    x = node.inputs[0]
+    shape = shape_of(ctx, x)
+    get = lambda i, what: _need(ctx, _input(node, i), what)  # noqa: E731
+    return x, canonical.batch_norm(
+        get(3, "BatchNorm mean"), get(4, "BatchNorm variance"), get(1, "BatchNorm scale"),
+        get(2, "BatchNorm bias"), float(_attr(node, "epsilon", 1e-5)), len(shape) if shape else None,
+    )  # fmt: skip
+
+
+def _dropout(ctx, node):
+    training = _input(node, 2)
+    if training is not None:
+        t = ctx.const(training)
+        if t is None or bool(np.any(t)):
+            raise Refusal("training-mode", "Dropout in training mode is not the identity")
+    if len(node.outputs) > 1 and node.outputs[1].uses():
+        return None  # the mask is used: keep the node
+    return node.inputs[0], canonical.channel_constant(1.0, None)
+
+
+def _identity(ctx, node):
+    return node.inputs[0], canonical.channel_constant(1.0, None)
+
+
+def _neg(ctx, node):
+    return node.inputs[0], canonical.channel_constant(-1.0, shape_of(ctx, node.inputs[0]))
+
+
+def _avg_pool(ctx, node):
+    x = node.inputs[0]
+    kernel = [int(k) for k in _attr(node, "kernel_shape")]
+    nd = len(kernel)
+    strides = [int(s) for s in _attr(node, "strides", [1] * nd)]
+    dilations = [int(d) for d in _attr(node, "dilations", [1] * nd)]
+    if any(d != 1 for d in dilations):
+        raise Refusal("geometry", "dilated average pooling")
+    pads = _pads(node, nd, shape_of(ctx, x), kernel, strides, dilations)
+    shape = shape_of(ctx, x)
+    return x, canonical.avg_pool(
+        kernel, strides, pads, shape[1] if shape and len(shape) > 1 else None, nd,
+        bool(_attr(node, "ceil_mode", 0)), bool(_attr(node, "count_include_pad", 0)),
+    )  # fmt: skip
+
+
+UNARY: dict[str, Callable] = {
+    "MatMul": _matmul,
+    "Gemm": _gemm,
+    "Conv": _conv,
+    "BatchNormalization": _batch_norm,
+    "Dropout": _dropout,
+    "Identity": _identity,
+    "Neg": _neg,
+    "AveragePool": _avg_pool,
+}
+LABELS = {"MatMul": "linear", "Gemm": "linear", "Conv": "conv", "BatchNormalization": "batch_norm",
+          "Dropout": "dropout", "Identity": "identity", "Neg": "neg", "AveragePool": "avg_pool"}  # fmt: skip
+
+
+def recognize(ctx: OnnxContext, node: ir.Node) -> Op:
+    """The neutral op for one ONNX node; anything unrecognized or refused is opaque."""
+    inputs = tuple(v for v in node.inputs if v is not None)
+    out = node.outputs[0] if node.outputs else None
+    opaque = Op(node, "opaque", inputs, out, label=node.op_type)
+    if node.domain not in ONNX_DOMAINS or not node.outputs or not is_float(out):
+        return opaque
+    if ctx.const(out) is not None:
+        return opaque  # a constant computed from constants: nothing to fold
+    try:
+        op = _recognize(ctx, node, out)
+    except Refusal as r:
+        opaque.refusal = r
+        return opaque
+    return op or opaque
+
+
+def _recognize(ctx: OnnxContext, node: ir.Node, out: ir.Value) -> Op | None:
+    t = node.op_type
+    if t in UNARY:
+        if len(node.outputs) > 1 and t != "Dropout" and any(o.uses() or o.is_graph_output() for o in node.outputs[1:]):
+            if t == "BatchNormalization":
+                raise Refusal("training-mode", "BatchNormalization with its batch-statistics outputs in use")
+            return None
+        got = UNARY[t](ctx, node)
+        if got is None:
+            return None
+        x, m = got
+        return Op(node, "affine", (x,), out, m, label=LABELS[t])
+    if t == "LayerNormalization":
+        return _layer_norm(ctx, node, out)
+    if t in ("Add", "Sub"):
+        return _add_sub(ctx, node, out, t.lower())
+    if t in ("Mul", "Div"):
+        return _mul_div(ctx, node, out, div=t == "Div")
+    return None
+
+
+def _same_shape(a: tuple[Dim, ...] | None, b: tuple[Dim, ...] | None) -> bool:
+    return a is not None and b is not None and len(a) == len(b) and all(x == y and x is not None for x, y in zip(a, b))
+
+
+def _add_sub(ctx: OnnxContext, node: ir.Node, out: ir.Value, kind: str) -> Op | None:
+    a, b = node.inputs[0], node.inputs[1]
+    ca, cb = ctx.const_tensor(a), ctx.const_tensor(b)
+    if ca is None and cb is None:
+        if not _same_shape(ctx.dims(a), ctx.dims(b)):
+            raise Refusal("broadcast", f"sum of values of shapes {ctx.dims(a)} and {ctx.dims(b)}")
+        return Op(node, kind, (a, b), out, label=kind)
+    if ca is not None and cb is not None:
+        return None
+    x, c = (a, cb) if cb is not None else (b, ca)
+    if kind == "add":
+        m = canonical.shift_constant(c, shape_of(ctx, x))
+    elif cb is not None:  # x - c
+        m = canonical.shift_constant(-c, shape_of(ctx, x))
+    else:  # c - x
+        d = canonical.shift_constant(c, shape_of(ctx, x))
+        m = type(d)(-d.scale, d.shift, d.axis)
+    return Op(node, "affine", (x,), out, m, label="shift")
+
+
+def _mul_div(ctx: OnnxContext, node: ir.Node, out: ir.Value, div: bool) -> Op | None:
+    a, b = node.inputs[0], node.inputs[1]
+    ca, cb = ctx.const_tensor(a), ctx.const_tensor(b)
+    if (ca is None) == (cb is None):
+        return None
+    if div and cb is None:
+        return None  # c / x is not linear
+    x, c = (a, cb) if cb is not None else (b, ca)
+    if div:
+        c = 1.0 / c
+    return Op(node, "affine", (x,), out, canonical.channel_constant(c, shape_of(ctx, x)), label="scale")
+
+
+def _layer_norm(ctx: OnnxContext, node: ir.Node, out: ir.Value) -> Op | None:
+    x = node.inputs[0]
+    if any(o.uses() or o.is_graph_output() for o in node.outputs[1:]):
+        return None  # Mean / InvStdDev are used: keep the node whole
+    shape = shape_of(ctx, x)
+    axis = int(_attr(node, "axis", -1))
+    if shape is None or axis % len(shape) != len(shape) - 1 or not isinstance(shape[-1], int):
+        return None  # normalised over several axes (or unknown): γ, β are not a last-axis map
+    scale = _need(ctx, node.inputs[1], "LayerNorm scale")
+    bias = _need(ctx, _input(node, 2), "LayerNorm bias", optional=True)
+    m = canonical.layer_norm_affine([shape[-1]], scale.reshape(-1).expand(shape[-1]),
+                                    None if bias is None else bias.reshape(-1).expand(shape[-1]))  # fmt: skip
+    return Op(node, "affine", (x,), out, m, split=True, label="layer_norm")
+
+
+def mark_shared(ctx: OnnxContext, ops: list[Op]) -> None:
+    """Flag affine ops whose stored constants any other node reads too (a weight reused in the graph).
+
+    Folding never writes into a stored tensor (new initializers get fresh names); the flag only keeps
+    the walk from merging a shared weight with a private one, which would un-share it.
+    """
+    stored: dict[object, frozenset[str]] = {}
+    readers: dict[str, int] = {}
+    for op in ops:
+        node: ir.Node = op.key
+        if op.output is not None and ctx.const(op.output) is not None:
+            continue  # part of a constant's own computation (Transpose of a weight), not a reader
+        names = frozenset().union(*(ctx.stored(v) for v in node.inputs if v is not None and ctx.const(v) is not None))
+        if op.kind == "affine":
+            stored[op.key] = names
+        for name in names:
+            readers[name] = readers.get(name, 0) + 1
+    for op in ops:
+        if stored.get(op.key):
+            op.shared = any(readers[n] > 1 for n in stored[op.key])

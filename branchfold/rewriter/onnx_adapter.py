@@ -1,0 +1,220 @@
+"""Reads an onnx_ir graph into the neutral walk and writes each region back as one op.
+
+Dense maps become ``Gemm`` (2-D inputs) or ``MatMul`` + ``Add``, convs a ``Conv`` (with a ``Pad`` in
+front for non-zero padding modes), channel maps ``Mul``/``Add``. Folded weights are computed in float64
+and stored as new initializers, cast to the dtype of the value they replace, under fresh names: no
+existing initializer is written to, and one still read elsewhere stays for its other readers. Graph
+input and output names are kept. Dead nodes are left for ``RemoveUnusedNodesPass``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from branchfold.patterns.onnx_ops import OnnxContext, mark_shared, recognize
+from branchfold.rewriter.affine import Conv, Dense, Diagonal
+from branchfold.rewriter.region import NotFolded, Op, Region, SplitSource, WalkResult, find_regions
+
+
+@dataclass
+class OnnxFoldResult:
+    regions: list[Region]
+    not_folded: list[NotFolded]
+    walk: WalkResult
+
+
+def _subgraph_reads(node: ir.Node, graph: ir.Graph) -> list[ir.Value]:
+    """Values of ``graph`` that a node's subgraphs (If/Loop/Scan bodies) read from the outer scope."""
+    found: list[ir.Value] = []
+    for attr in node.attributes.values():
+        if attr.type == ir.AttributeType.GRAPH:
+            subs = [attr.value]
+        elif attr.type == ir.AttributeType.GRAPHS:
+            subs = list(attr.value)
+        else:
+            continue
+        for sub in subs:
+            for inner in ir.traversal.RecursiveGraphIterator(sub):
+                found += [v for v in inner.inputs if v is not None and v.graph is graph]
+    return found
+
+
+def graph_ops(ctx: OnnxContext) -> tuple[list[Op], set[ir.Value]]:
+    """The graph as the walk sees it: one ``Op`` per node in topological order, and the graph outputs."""
+    ops: list[Op] = []
+    for node in ctx.graph:
+        op = recognize(ctx, node)
+        extra = _subgraph_reads(node, ctx.graph)
+        if extra:
+            op = Op(node, "opaque", op.inputs + tuple(extra), op.output, label=op.label, refusal=op.refusal)
+        ops.append(op)
+    # A Pad folded into its Conv is not read by the walk: the Conv reads the Pad's input directly.
+    absorbed = {
+        op.inputs[0].producer()
+        for op in ops
+        if op.kind == "affine" and op.label == "conv" and op.inputs[0] is not op.key.inputs[0]
+    }
+    ops = [op for op in ops if op.key not in absorbed]
+    mark_shared(ctx, ops)
+    return ops, set(ctx.graph.outputs)
+
+
+def fold_graph(graph: ir.Graph, select: Callable[[Region], bool] | None = None) -> OnnxFoldResult:
+    """Fold the regions of ``graph`` (all, or those ``select`` keeps) in place."""
+    ctx = OnnxContext(graph)
+    ops, outputs = graph_ops(ctx)
+    walk = find_regions(ops, outputs)
+    if select is not None:
+        walk.regions = [r for r in walk.regions if select(r)]
+    if walk.regions:
+        _Emitter(graph, walk).emit()
+    return OnnxFoldResult(walk.regions, walk.not_folded, walk)
+
+
+def existing_names(graph: ir.Graph) -> set[str]:
+    names = {v.name for v in graph.inputs if v.name} | set(graph.initializers)
+    for node in ir.traversal.RecursiveGraphIterator(graph):
+        names.update(v.name for v in node.outputs if v.name)
+    return names
+
+
+class _Emitter:
+    def __init__(self, graph: ir.Graph, walk: WalkResult) -> None:
+        self.graph, self.walk = graph, walk
+        self.names = existing_names(graph)
+        self.counter = 0
+        self.replaced: dict[ir.Value, ir.Value] = {}
+        self.plain: dict[ir.Node, ir.Value] = {}  # LayerNormalization node -> the same without γ, β
+
+    def fresh(self, hint: str) -> str:
+        while True:
+            self.counter += 1
+            name = f"branchfold_{self.counter}_{hint}"
+            if name not in self.names:
+                self.names.add(name)
+                return name
+
+    def emit(self) -> None:
+        order = {node: i for i, node in enumerate(self.graph)}
+        for region in sorted(self.walk.regions, key=lambda r: order[r.value.producer()]):
+            value: ir.Value = region.value
+            self.nodes: list[ir.Node] = []
+            src = self._source(region.source, value.dtype)
+            new = self._apply(region.map, src, value)
+            if self.nodes:
+                self.graph.insert_before(value.producer(), self.nodes)
+            self._replace(value, new)
+
+    def _replace(self, value: ir.Value, new: ir.Value) -> None:
+        if value.is_graph_output():
+            if new.is_graph_input() or new.is_graph_output() or new.is_initializer():
+                new = self._node("Identity", [new], value)
+                self.graph.insert_before(value.producer(), self.nodes[-1])
+            name = value.name
+            value.name = self.fresh("replaced")
+            new.name = name
+            new.shape, new.type = value.shape, value.type
+        value.replace_all_uses_with(new, replace_graph_outputs=True)
+        self.replaced[value] = new
+
+    def _current(self, v: ir.Value) -> ir.Value:
+        while v in self.replaced:
+            v = self.replaced[v]
+        return v
+
+    def _source(self, source, dtype) -> ir.Value:
+        if isinstance(source, SplitSource):
+            ln: ir.Node = source.op
+            if ln not in self.plain:
+                self.plain[ln] = self._plain_layer_norm(ln)
+            return self.plain[ln]
+        return self._current(source)
+
+    def _plain_layer_norm(self, ln: ir.Node) -> ir.Value:
+        """LayerNormalization needs a Scale input: the plain normalisation is γ = 1, β = 0."""
+        out = ln.outputs[0]
+        c = out.shape[-1] if out.shape is not None else ln.inputs[1].shape[-1]
+        ones = self._initializer(torch.ones(c, dtype=torch.float64), ln.inputs[1].dtype, "ln_ones")
+        zeros = self._initializer(torch.zeros(c, dtype=torch.float64), ln.inputs[1].dtype, "ln_zeros")
+        attrs = [a for a in ln.attributes.values() if a.name in ("axis", "epsilon", "stash_type")]
+        node = ir.Node("", "LayerNormalization", [self._current(ln.inputs[0]), ones, zeros], attrs, num_outputs=1)
+        node.outputs[0].name = self.fresh("layer_norm")
+        node.outputs[0].dtype, node.outputs[0].shape = out.dtype, out.shape
+        self.nodes.append(node)
+        return node.outputs[0]
+
+    # -- writing ops ------------------------------------------------------------------------------
+
+    def _initializer(self, t: torch.Tensor, dtype: ir.DataType | None, hint: str) -> ir.Value:
+        dtype = dtype or ir.DataType.FLOAT
+        arr = t.detach().cpu().numpy().astype(dtype.numpy()) if dtype.is_floating_point() else t.numpy()
+        tensor = ir.tensor(np.ascontiguousarray(arr), dtype=dtype if dtype.is_floating_point() else None)
+        name = self.fresh(hint)
+        v = ir.Value(name=name, shape=ir.Shape(arr.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
+        self.graph.register_initializer(v)
+        return v
+
+    def _node(self, op_type: str, inputs, like: ir.Value, attrs=(), final: bool = True) -> ir.Value:
+        node = ir.Node("", op_type, inputs, list(attrs), num_outputs=1)
+        out = node.outputs[0]
+        out.name = self.fresh(op_type.lower())
+        out.dtype = like.dtype
+        if final:
+            out.shape = like.shape
+        self.nodes.append(node)
+        return out
+
+    def _apply(self, m, src: ir.Value, like: ir.Value) -> ir.Value:
+        dtype = like.dtype
+        if isinstance(m, Dense):
+            w = self._initializer(m.weight.t(), dtype, "weight")  # stored as [in, out] like the exporters
+            has_bias = bool((m.bias != 0).any())
+            if src.shape is not None and len(src.shape) == 2 and has_bias:
+                b = self._initializer(m.bias, dtype, "bias")
+                return self._node("Gemm", [src, w, b], like)
+            y = self._node("MatMul", [src, w], like, final=not has_bias)
+            if not has_bias:
+                return y
+            return self._node("Add", [y, self._initializer(m.bias, dtype, "bias")], like)
+        if isinstance(m, Conv):
+            return self._conv(m, src, like)
+        return self._diagonal(m, src, like)
+
+    def _conv(self, m: Conv, src: ir.Value, like: ir.Value) -> ir.Value:
+        pads = [lo for lo, _ in m.padding] + [hi for _, hi in m.padding]
+        if m.padding_mode != "zeros":
+            mode = {"reflect": "reflect", "replicate": "edge", "circular": "wrap"}[m.padding_mode]
+            full = torch.tensor([0, 0, *pads[: m.nd], 0, 0, *pads[m.nd :]], dtype=torch.int64)
+            pad_amounts = self._initializer(full, ir.DataType.INT64, "pads")
+            src = self._node("Pad", [src, pad_amounts], like, [ir.AttrString("mode", mode)], final=False)
+            pads = [0] * (2 * m.nd)
+        inputs = [src, self._initializer(m.weight, like.dtype, "weight")]
+        if bool((m.bias != 0).any()):
+            inputs.append(self._initializer(m.bias, like.dtype, "bias"))
+        attrs = [
+            ir.AttrInt64s("kernel_shape", list(m.kernel)),
+            ir.AttrInt64s("strides", list(m.stride)),
+            ir.AttrInt64s("pads", pads),
+            ir.AttrInt64s("dilations", list(m.dilation)),
+            ir.AttrInt64("group", m.groups),
+        ]
+        return self._node("Conv", inputs, like, attrs)
+
+    def _diagonal(self, m: Diagonal, src: ir.Value, like: ir.Value) -> ir.Value:
+        if m.is_identity:
+            return src
+        view = (-1,) + (1,) * (-m.axis - 1) if m.axis is not None else ()
+        only_shift = bool((m.scale == 1).all())
+        y = src
+        if not only_shift:
+            scale = self._initializer(m.scale.reshape(view), like.dtype, "scale")
+            y = self._node("Mul", [src, scale], like, final=not m.has_shift)
+        if m.has_shift:
+            shift = self._initializer(m.shift.reshape(view), like.dtype, "shift")
+            y = self._node("Add", [y, shift], like)
+        return y
