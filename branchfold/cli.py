@@ -1,0 +1,123 @@
+"""The command line: ``branchfold fold IN.onnx -o OUT.onnx`` and ``branchfold demo``.
+
+User errors print one line and exit with status 2; nothing is written unless the fold succeeded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from branchfold.errors import BranchfoldError, InputError
+
+LARGE_MODEL_BYTES = 50 * 2**20  # show progress for files at least this big (or with many nodes)
+LARGE_MODEL_NODES = 2000
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="branchfold", description="Fold parallel linear branches and chains.")
+    sub = p.add_subparsers(dest="command", required=True)
+    f = sub.add_parser("fold", help="fold an ONNX model and write the result")
+    f.add_argument("input", help="the ONNX model to read (never changed unless --in-place)")
+    f.add_argument("-o", "--output", help="where to write the folded model")
+    f.add_argument("--in-place", action="store_true", help="allow writing over the input file")
+    f.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    f.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check against the original")
+    f.add_argument("--tolerance", type=float, default=None, help="largest relative error accepted")
+    f.add_argument("--seed", type=int, default=0, help="seed of the random check inputs")
+    f.add_argument("--progress", choices=("auto", "always", "never"), default="auto")
+    d = sub.add_parser("demo", help="run the demo (remaining arguments go to it)", add_help=False)
+    d.add_argument("rest", nargs=argparse.REMAINDER)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["demo"]:
+        from branchfold import demo
+
+        return int(demo.main(argv[1:]) or 0)
+    args = _parser().parse_args(argv)
+    try:
+        return _fold(args)
+    except BranchfoldError as e:
+        print(f"branchfold: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _fold(args: argparse.Namespace) -> int:
+    from branchfold import onnx_io
+    from branchfold.passes.onnx_pipeline import fold_onnx
+
+    src = Path(args.input)
+    if args.output is None and not args.in_place:
+        raise InputError("give an output file with -o OUT.onnx (or --in-place to replace the input)")
+    out = Path(args.output) if args.output else src
+    if src.exists() and onnx_io.same_file(src, out) and not args.in_place:
+        raise InputError(f"the output {out} is the input file; pass --in-place to overwrite it")
+    if out.is_dir():
+        raise InputError(f"output path {out} is a folder")
+    if not out.parent.is_dir():
+        raise InputError(f"output folder {out.parent} does not exist")
+    with _progress(args, src) as say:
+        say("reading the model")
+        model = onnx_io.load_model(src)
+        if args.progress == "auto" and len(model.graph.node) >= LARGE_MODEL_NODES:
+            say.show()
+        result = fold_onnx(model, verify=not args.no_verify, tolerance=args.tolerance, seed=args.seed, progress=say)
+        if result.report.max_error is not None and not result.report.verified:
+            raise BranchfoldError(
+                f"the folded model differs from the original (error {result.report.max_error:.2e}); nothing written"
+            )
+        say("writing the folded model")
+        external = bool(onnx_io._external_tensors(onnx_io.onnx.load(str(src), load_external_data=False))) or None
+        onnx_io.save_model(result.model, out, external_data=external)
+    if args.json:
+        print(json.dumps(result.report.to_dict(), indent=2))
+    else:
+        print(result.report.render(title=f"branchfold: {src.name} -> {out.name}"))
+    return 0
+
+
+class _Say:
+    """A progress callback: a rich status line on stderr, only on large models (or when asked)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.status = None
+        self.enabled = enabled
+        self.message = ""
+
+    def show(self) -> None:
+        if self.status is None:
+            from rich.console import Console
+
+            self.status = Console(stderr=True).status(self.message)
+            self.status.start()
+
+    def __call__(self, message: str) -> None:
+        self.message = message
+        if self.enabled:
+            self.show()
+        if self.status is not None:
+            self.status.update(f"branchfold: {message}...")
+
+    def stop(self) -> None:
+        if self.status is not None:
+            self.status.stop()
+
+
+@contextlib.contextmanager
+def _progress(args: argparse.Namespace, src: Path):
+    big = src.is_file() and src.stat().st_size >= LARGE_MODEL_BYTES
+    say = _Say(args.progress == "always" or (args.progress == "auto" and big))
+    say.enabled = say.enabled and args.progress != "never"
+    if args.progress == "never":
+        say.show = lambda: None  # type: ignore[method-assign]
+    try:
+        yield say
+    finally:
+        say.stop()
