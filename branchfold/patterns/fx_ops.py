@@ -33,6 +33,10 @@ _CONST_FUNCS = {
 _CONST_METHODS = {"t", "transpose", "permute", "view", "reshape", "unsqueeze", "squeeze", "detach",
                   "clone", "contiguous", "to", "float", "half", "bfloat16", "expand"}  # fmt: skip
 
+# Queries that read only a tensor's shape (symbolic_trace writes them for ``b, n, c = x.shape``).
+_META_ATTRS = {"shape", "ndim", "device"}
+_META_METHODS = {"size", "dim"}
+
 _IDENTITY_FUNCS = {aten.clone.default, aten.alias.default, aten.detach.default, torch.clone}
 _IDENTITY_METHODS = {"contiguous", "clone", "detach"}
 
@@ -283,6 +287,8 @@ def _recognize(ctx: FxContext, node: fx.Node) -> Op | None:
     if node.op not in ("call_function", "call_method"):
         return None
     t = node.target
+    if _is_meta(node):
+        return Op(node, "meta", (node.args[0],), node, label="shape")
     if node.op == "call_function" and t in UNARY:
         fn, names, label = UNARY[t]
         got = fn(ctx, node, names)
@@ -303,6 +309,14 @@ def _recognize(ctx: FxContext, node: fx.Node) -> Op | None:
         x = node.args[0]
         return Op(node, "affine", (x,), node, canonical.channel_constant(-1.0, shape_of(x)), label="neg")
     return None
+
+
+def _is_meta(node: fx.Node) -> bool:
+    if not node.args or not isinstance(node.args[0], fx.Node) or len(node.all_input_nodes) != 1:
+        return False
+    if node.op == "call_function":
+        return node.target is getattr and len(node.args) == 2 and node.args[1] in _META_ATTRS
+    return node.op == "call_method" and node.target in _META_METHODS
 
 
 def _operands(ctx: FxContext, node: fx.Node) -> tuple[Any, Any, dict]:

@@ -100,6 +100,9 @@ class _Emitter:
         self.stored: dict[tuple, list[tuple[torch.Tensor, fx.Node]]] = {}  # content -> (tensor, get_attr)
 
     def emit(self) -> None:
+        for key, same in self.walk.meta_sources.items():  # shape queries of values about to vanish
+            node: fx.Node = key
+            node.replace_input_with(self.walk.ops_by_key[key].inputs[0], same)
         order = {n: i for i, n in enumerate(self.graph.nodes)}
         for region in sorted(self.walk.regions, key=lambda r: order[r.value]):
             value: fx.Node = region.value

@@ -29,7 +29,7 @@ from branchfold.rewriter.affine import (
     out_channels,
 )
 
-OpKind = Literal["affine", "add", "sub", "opaque"]
+OpKind = Literal["affine", "add", "sub", "opaque", "meta"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,8 @@ class Op:
     ``affine``: ``output = map(inputs[0])``; with ``split`` the map sits on top of the op's own
     opaque computation of ``inputs[0]`` (so the region's source is ``SplitSource(key)``).
     ``add`` / ``sub``: ``output = inputs[0] ± inputs[1]``. ``opaque``: anything else.
+    ``meta``: reads only the shape of ``inputs[0]`` (``x.shape``, ``x.size()``); it does not keep an
+    absorbed value alive when a same-shaped value can answer instead (see ``WalkResult.meta_sources``).
     ``refusal`` says why an op that looked foldable is opaque (for the report).
     """
 
@@ -111,6 +113,8 @@ class WalkResult:
     not_folded: list[NotFolded]
     rounds: int = 1
     ops_by_key: dict[Hashable, Op] = field(default_factory=dict)
+    # meta op key -> a value of the same shape to read instead of its input, which no longer exists
+    meta_sources: dict[Hashable, Hashable] = field(default_factory=dict)
 
 
 def find_regions(ops: Sequence[Op], outputs: Iterable[Hashable], max_rounds: int = 50) -> WalkResult:
@@ -129,7 +133,8 @@ def find_regions(ops: Sequence[Op], outputs: Iterable[Hashable], max_rounds: int
         regions, new_blocks, refused = walk.finish()
         cost_refusals += refused
         if not new_blocks - blocked:
-            return WalkResult(regions, walk.not_folded + cost_refusals + _refusals(ops), rounds, by_key)
+            not_folded = walk.not_folded + cost_refusals + _refusals(ops)
+            return WalkResult(regions, not_folded, rounds, by_key, walk.meta_sources())
         blocked |= new_blocks
     raise RuntimeError("region walk did not converge")  # each round blocks a new value: unreachable
 
@@ -153,6 +158,7 @@ class _Walk:
         self.materialized: set[Hashable] = set()
         self.absorbed_somewhere: set[Hashable] = set()
         self.not_folded: list[NotFolded] = []
+        self.meta: dict[Hashable, tuple[Hashable, Hashable]] = {}  # meta op key -> (input, same-shaped value)
 
     # -- the walk -------------------------------------------------------------------------------
 
@@ -179,6 +185,8 @@ class _Walk:
                 self._affine(op)
             elif op.kind in ("add", "sub") and op.output not in self.blocked:
                 self._sum(op)
+            elif op.kind == "meta":
+                self._meta(op)
             else:
                 for v in op.inputs:
                     self._as_source(v)
@@ -232,6 +240,21 @@ class _Walk:
                 return
         for v in op.inputs:
             self._as_source(v)
+
+    def _meta(self, op: Op) -> None:
+        """A shape query of a value that is ``Diagonal(source)``: the source (or, under a split, the
+        split op's own input) has the same shape and stays alive, so the query need not pin the value."""
+        (x,) = op.inputs
+        e = self.exprs.get(x)
+        if e is None or x in self.outputs or not isinstance(e.map, Diagonal):
+            self._as_source(x)
+            return
+        same = self.by_key[e.source.op].inputs[0] if isinstance(e.source, SplitSource) else e.source
+        self.meta[op.key] = (x, same)
+
+    def meta_sources(self) -> dict[Hashable, Hashable]:
+        """The shape queries whose input is absorbed and would otherwise have to stay computed."""
+        return {k: same for k, (x, same) in self.meta.items() if x not in self.materialized}
 
     # -- regions ----------------------------------------------------------------------------------
 
