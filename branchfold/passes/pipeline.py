@@ -153,14 +153,22 @@ def _low_precision_errors(report: FoldReport, model: nn.Module, folded: nn.Modul
 # report
 
 
+_BOOKKEEPING = {"getitem", "getattr", "_guards_fn", "size", "dim", "sym_size", "sym_numel", "sym_stride"}
+
+
+def _is_bookkeeping(n: fx.Node) -> bool:
+    """Nodes that compute nothing on tensors: tuple indexing, shape queries, export's guards and asserts.
+
+    Counting them would make the same model count differently per capture method (symbolic_trace writes
+    ``getattr(x, "shape")``, export writes ``_assert_tensor_metadata``)."""
+    name = getattr(n.target, "__name__", str(n.target)).split(".")[0]
+    return name in _BOOKKEEPING or name.startswith("_assert")
+
+
 def count_ops(gm: fx.GraphModule) -> int:
-    skip = {"getitem", "_guards_fn"}
+    """Tensor ops in the graph (calls of functions, methods and modules, less the bookkeeping)."""
     return sum(
-        1
-        for n in gm.graph.nodes
-        if n.op in ("call_function", "call_method", "call_module")
-        and getattr(n.target, "__name__", str(n.target)) not in skip
-        and not str(n.target).startswith("_assert")
+        1 for n in gm.graph.nodes if n.op in ("call_function", "call_method", "call_module") and not _is_bookkeeping(n)
     )
 
 
