@@ -1,0 +1,146 @@
+"""Horizontal fusion, frontend-neutral: parallel linears/convs reading one value → one wide op + a split.
+
+Unlike the parallel-sum fold this is not an algebraic simplification (the MACs stay the same); it only
+trades N small GEMMs/convs for one wide one. So it is decided in two steps: *can* the maps be stacked
+along their output channels (``groups``), and *does it pay* (``pays``), a rule read off the measurements
+of ``benchmarks/bench_horizontal.py`` and kept here as data so that it can be re-measured and changed.
+
+The adapters (``passes/fx_horizontal.py``, ``passes/onnx_horizontal.py``) recognize ops into
+``Dense`` / ``Conv`` maps with the shared recognizers, call ``groups`` and ``concat``, and write the
+fused op plus a split back in their own graph kind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from branchfold.rewriter.affine import F64, AffineMap, Conv, Dense, Refusal
+
+HorizontalMode = Literal["auto", "on", "off"]
+MODES: tuple[str, ...] = ("auto", "on", "off")
+
+
+@dataclass(frozen=True)
+class Member:
+    """One candidate op: its key in the adapter's graph, its map, and whether it has a real bias."""
+
+    key: Hashable
+    map: Dense | Conv
+    has_bias: bool = True
+
+
+@dataclass(frozen=True)
+class Fused:
+    """The stacked map, the output widths in member order (for the split) and whether a bias is needed."""
+
+    map: Dense | Conv
+    sizes: tuple[int, ...]
+    has_bias: bool
+
+    @property
+    def axis(self) -> int:
+        return self.map.axis
+
+
+def signature(m: AffineMap) -> tuple | None:
+    """What must be equal for two maps to be stacked along their outputs (None: never stacked).
+
+    Dense: the input width. Conv: everything but the output channels; grouped convs are left alone
+    (stacking them would need a block layout that no longer reads as one conv).
+    """
+    if isinstance(m, Dense):
+        return ("dense", m.in_features)
+    if isinstance(m, Conv):
+        if m.groups != 1:
+            return None
+        return ("conv", m.in_channels, m.kernel, m.stride, m.padding, m.dilation, m.padding_mode)
+    return None
+
+
+def check_pair(a: AffineMap, b: AffineMap) -> None:
+    """Raise the Refusal that explains why ``a`` and ``b`` cannot share one op (for reports and tests)."""
+    if type(a) is not type(b) or not isinstance(a, (Dense, Conv)):
+        raise Refusal("geometry", f"{type(a).__name__} beside {type(b).__name__}")
+    if isinstance(a, Conv) and (a.groups != 1 or b.groups != 1):  # type: ignore[union-attr]
+        raise Refusal("geometry", "grouped convolution")
+    if signature(a) != signature(b):
+        raise Refusal("geometry", f"different geometry {signature(a)} vs {signature(b)}")
+
+
+def groups(members: Sequence[Member]) -> list[list[Member]]:
+    """Partition ``members`` (ops reading the same value) into stackable groups of two or more.
+
+    Order is preserved inside each group so that the split's outputs follow the graph's order.
+    """
+    by_sig: dict[tuple, list[Member]] = {}
+    for m in members:
+        sig = signature(m.map)
+        if sig is not None:
+            by_sig.setdefault(sig, []).append(m)
+    return [g for g in by_sig.values() if len(g) >= 2]
+
+
+def concat(members: Sequence[Member]) -> Fused:
+    """One map whose output channels are the members' outputs, one after the other.
+
+    Weights are concatenated here, once, at fold time; members without a bias contribute zeros.
+    """
+    if len(members) < 2:
+        raise Refusal("shape", "horizontal fusion needs at least two ops")
+    first = members[0].map
+    for m in members[1:]:
+        check_pair(first, m.map)
+    weight = torch.cat([m.map.weight.to(F64) for m in members], dim=0)
+    bias = torch.cat([m.map.bias.to(F64) for m in members], dim=0)
+    sizes = tuple(int(m.map.weight.shape[0]) for m in members)
+    has_bias = any(m.has_bias for m in members)
+    if isinstance(first, Dense):
+        return Fused(Dense(weight, bias), sizes, has_bias)
+    fused = Conv(weight, bias, first.stride, first.padding, first.dilation, 1, first.padding_mode)
+    return Fused(fused, sizes, has_bias)
+
+
+# ----------------------------------------------------------------------------------------------
+# does it pay: measured on CPU by benchmarks/bench_horizontal.py (see POLICY_NOTES)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """When ``mode="auto"`` fuses. Measured numbers, not theory; see ``POLICY_NOTES``.
+
+    ``max_macs_per_row``: fuse Dense groups whose fused GEMM has at most this many multiply-adds per row
+    (in_features × total out). Above it the single GEMM is already compute-bound on CPU and the split
+    views cost the consumers a copy more often than the launch savings repay.
+    ``conv``: whether convs are fused in auto mode.
+    """
+
+    max_macs_per_row: int = 4 * 1024 * 1024
+    conv: bool = True
+    min_members: int = 2
+
+
+DEFAULT_POLICY = Policy()
+
+POLICY_NOTES = "filled in from benchmarks/bench_horizontal.py"
+
+
+def pays(fused: Fused, policy: Policy = DEFAULT_POLICY) -> bool:
+    """Whether ``mode="auto"`` should fuse this group (``mode="on"`` always does, ``"off"`` never)."""
+    if len(fused.sizes) < policy.min_members:
+        return False
+    if isinstance(fused.map, Conv):
+        return policy.conv
+    return fused.map.weight.numel() <= policy.max_macs_per_row
+
+
+def check_mode(mode: str) -> HorizontalMode:
+    """Validate a user's ``mode`` string with one readable message."""
+    from branchfold.errors import InputError
+
+    if mode not in MODES:
+        raise InputError(f"horizontal fusion mode must be one of {', '.join(MODES)}, got {mode!r}")
+    return mode  # type: ignore[return-value]
