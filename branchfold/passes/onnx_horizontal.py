@@ -1,0 +1,164 @@
+"""ONNX horizontal fusion: MatMul/Gemm/Conv with constant weights reading one value → one op + ``Split``.
+
+Ops are read with the ONNX folding recognizers (``patterns.onnx_ops``), so Gemm's alpha/beta/transB,
+constant weights behind Transpose/Constant nodes and a zero Pad in front of a Conv mean what they mean
+there. A MatMul followed by its bias ``Add`` (how both torch exporters write a Linear) is taken as one
+member, so the biases are concatenated too. The weights are concatenated once, here, into new
+initializers; the wide op is written by the folding adapter's emitter, followed by a ``Split`` whose
+sizes are a constant: it works when the shared value is a graph input (where onnxoptimizer's
+``fuse_qkv`` crashes) and with dynamic batch/sequence dims. Graph output names are kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import onnx_ir as ir
+import onnx_ir.passes.common as common
+import torch
+
+from branchfold.patterns import horizontal
+from branchfold.patterns.horizontal import DEFAULT_POLICY, Fused, HorizontalMode, Member, Policy
+from branchfold.patterns.onnx_ops import OnnxContext, recognize
+from branchfold.rewriter.affine import Conv, Dense, Diagonal, Refusal, compose_maps
+from branchfold.rewriter.onnx_adapter import _Emitter
+from branchfold.rewriter.region import WalkResult
+
+
+@dataclass(frozen=True)
+class _Site:
+    """A member in the graph: its first node (reading the shared value) and the node giving its output."""
+
+    first: ir.Node
+    last: ir.Node
+
+
+@dataclass
+class OnnxFusedGroup:
+    source: str
+    ops: list[str]
+    sizes: tuple[int, ...]
+    kind: str
+    fused: bool
+    reason: str = ""
+
+
+@dataclass
+class OnnxHorizontalResult:
+    groups: list[OnnxFusedGroup] = field(default_factory=list)
+
+    @property
+    def fused(self) -> list[OnnxFusedGroup]:
+        return [g for g in self.groups if g.fused]
+
+
+class HorizontalFusionPass(ir.passes.InPlacePass):
+    """Fuses N ≥ 2 MatMul/Gemm (or Convs of identical geometry) reading one value into one op + Split.
+
+    ``mode``: ``"auto"`` (where ``patterns.horizontal.pays``), ``"on"`` or ``"off"``. Shape inference
+    runs first unless ``infer_shapes=False``. The last result is on ``self.result``.
+    """
+
+    def __init__(
+        self, mode: HorizontalMode = "auto", policy: Policy = DEFAULT_POLICY, infer_shapes: bool = True
+    ) -> None:
+        super().__init__()
+        self.mode = horizontal.check_mode(mode)
+        self.policy = policy
+        self.infer_shapes = infer_shapes
+        self.result = OnnxHorizontalResult()
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        self.result = OnnxHorizontalResult()
+        if self.mode == "off":
+            return ir.passes.PassResult(model, False)
+        if self.infer_shapes:
+            common.ShapeInferencePass(strict_mode=False)(model)
+        graph = model.graph
+        ctx = OnnxContext(graph)
+        writer = _Writer(graph, _opset(model))
+        for (source, _), members in _candidates(ctx, graph).items():
+            for group in horizontal.groups(members):
+                fused = horizontal.concat(group)
+                go = self.mode == "on" or horizontal.pays(fused, self.policy)
+                self.result.groups.append(
+                    OnnxFusedGroup(
+                        source.name or "", [m.key.first.name or m.key.first.op_type for m in group], fused.sizes,
+                        "dense" if isinstance(fused.map, Dense) else "conv", go,
+                        "" if go else "auto policy: measured not to pay for this size",
+                    )
+                )  # fmt: skip
+                if go:
+                    writer.write(source, group, fused)
+        modified = bool(self.result.fused)
+        if modified:
+            common.RemoveUnusedNodesPass()(model)
+            common.TopologicalSortPass()(model)
+        return ir.passes.PassResult(model, modified)
+
+
+def _opset(model: ir.Model) -> int:
+    return int(model.opset_imports.get("", model.opset_imports.get("ai.onnx", 13)))
+
+
+def _candidates(ctx: OnnxContext, graph: ir.Graph) -> dict[tuple, list[Member]]:
+    """Members by the (value, dtype) they read, in graph order; a MatMul takes its bias Add along."""
+    found: dict[tuple, list[Member]] = {}
+    for node in graph:
+        op = recognize(ctx, node)
+        if op.kind != "affine" or op.split or not isinstance(op.map, (Dense, Conv)):
+            continue
+        (x,) = op.inputs
+        if ctx.const(x) is not None:
+            continue
+        m, last = op.map, node
+        out = node.outputs[0]
+        if node.op_type == "MatMul" and len(out.uses()) == 1 and not out.is_graph_output():
+            user = next(iter(out.uses())).node
+            after = recognize(ctx, user)
+            if after.kind == "affine" and isinstance(after.map, Diagonal) and after.inputs[0] is out:
+                with contextlib.suppress(Refusal):  # a MatMul whose Add does not compose stays alone
+                    m, last = compose_maps(after.map, m), user
+        has_bias = bool((m.bias != 0).any())
+        found.setdefault((x, out.dtype), []).append(Member(_Site(node, last), m, has_bias))
+    return found
+
+
+class _Writer:
+    def __init__(self, graph: ir.Graph, opset: int) -> None:
+        self.graph, self.opset = graph, opset
+        self.emitter = _Emitter(graph, WalkResult([], []))
+
+    def write(self, source: ir.Value, group: Sequence[Member], fused: Fused) -> None:
+        order = {n: i for i, n in enumerate(self.graph)}
+        sites: list[_Site] = [m.key for m in group]
+        first = min((s.first for s in sites), key=order.__getitem__)
+        olds = [s.last.outputs[0] for s in sites]
+        e = self.emitter
+        e.nodes = []
+        wide = e._apply(fused.map, source, olds[0])
+        wide.shape = _wide_shape(olds, fused)
+        sizes = e._initializer(torch.tensor(fused.sizes, dtype=torch.int64), ir.DataType.INT64, "split")
+        axis = ir.AttrInt64("axis", fused.axis)
+        if self.opset >= 13:
+            split = ir.Node("", "Split", [wide, sizes], [axis], num_outputs=len(olds))
+        else:
+            split = ir.Node("", "Split", [wide], [axis, ir.AttrInt64s("split", list(fused.sizes))], num_outputs=len(olds))
+        e.nodes.append(split)
+        for new, old in zip(split.outputs, olds):
+            new.name = e.fresh("split")
+            new.dtype, new.shape = old.dtype, old.shape
+        self.graph.insert_before(first, e.nodes)
+        for new, old in zip(split.outputs, olds):
+            e._replace(old, new)
+
+
+def _wide_shape(olds: Sequence[ir.Value], fused: Fused) -> ir.Shape | None:
+    shape = olds[0].shape
+    if shape is None or len(shape) < -fused.axis:
+        return None
+    dims = list(shape)
+    dims[fused.axis] = sum(fused.sizes)
+    return ir.Shape(dims)
