@@ -357,6 +357,8 @@ def recognize(ctx: OnnxContext, node: ir.Node) -> Op:
     opaque = Op(node, "opaque", inputs, out, label=node.op_type)
     if node.domain not in ONNX_DOMAINS or not node.outputs or not is_float(out):
         return opaque
+    if not all(is_float(v) for v in inputs if ctx.const(v) is None):
+        return opaque  # integer arithmetic (shape computations) is not ours to fold
     if ctx.const(out) is not None:
         return opaque  # a constant computed from constants: nothing to fold
     try:
@@ -440,6 +442,10 @@ def _layer_norm(ctx: OnnxContext, node: ir.Node, out: ir.Value) -> Op | None:
     return Op(node, "affine", (x,), out, m, split=True, label="layer_norm")
 
 
+def _is_weight(c: np.ndarray | None) -> bool:
+    return c is not None and np.ndim(c) >= 2 and np.size(c) > 1
+
+
 def mark_shared(ctx: OnnxContext, ops: list[Op]) -> None:
     """Flag affine ops whose stored constants any other node reads too (a weight reused in the graph).
 
@@ -452,7 +458,11 @@ def mark_shared(ctx: OnnxContext, ops: list[Op]) -> None:
         node: ir.Node = op.key
         if op.output is not None and ctx.const(op.output) is not None:
             continue  # part of a constant's own computation (Transpose of a weight), not a reader
-        names = frozenset().union(*(ctx.stored(v) for v in node.inputs if v is not None and ctx.const(v) is not None))
+        # Only weights (rank >= 2) count: exporters store equal small constants (zero biases, unit
+        # LayerNorm scales of a fresh model) once, and un-sharing a vector costs nothing worth a refusal.
+        names = frozenset().union(
+            *(ctx.stored(v) for v in node.inputs if v is not None and _is_weight(ctx.const(v)))
+        )
         if op.kind == "affine":
             stored[op.key] = names
         for name in names:

@@ -69,11 +69,20 @@ def fold_graph(graph: ir.Graph, select: Callable[[Region], bool] | None = None) 
     ctx = OnnxContext(graph)
     ops, outputs = graph_ops(ctx)
     walk = find_regions(ops, outputs)
+    walk.regions = [r for r in walk.regions if not _rewrites_to_itself(r)]
     if select is not None:
         walk.regions = [r for r in walk.regions if select(r)]
     if walk.regions:
         _Emitter(graph, walk).emit()
     return OnnxFoldResult(walk.regions, walk.not_folded, walk)
+
+
+def _rewrites_to_itself(r: Region) -> bool:
+    """A MatMul + bias Add would be written back as the same MatMul + Add: nothing to gain."""
+    kinds = [k.op_type for k in r.ops]
+    src = r.source if isinstance(r.source, ir.Value) else None
+    rank = len(src.shape) if src is not None and src.shape is not None else None
+    return kinds == ["MatMul", "Add"] and rank != 2
 
 
 def existing_names(graph: ir.Graph) -> set[str]:
