@@ -1,0 +1,176 @@
+"""Shared test helpers: capture a model in each FX dialect, fold it with the pass, compare, count ops.
+
+The three dialects are the ones the FX side must read (DESIGN.md §3): ``symbolic_trace`` (call_module),
+``dynamo`` (functional calls, weights as placeholders given as constants), ``export`` (ATen, via
+``ExportedProgram.module()``) and ``export-decomposed`` (``addmm``/``convolution``/``_native_batch_norm``).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+
+from branchfold.passes.fx import FoldBranchesPass, ShapePropPass, has_shapes
+from branchfold.passes.pipeline import count_ops
+from branchfold.rewriter.region import NotFolded, Region
+
+aten = torch.ops.aten
+DIALECTS = ("symbolic_trace", "dynamo", "export")
+
+LINEAR_TARGETS = {torch._C._nn.linear, torch.nn.functional.linear, aten.linear.default, aten.addmm.default,
+                  aten.mm.default}  # fmt: skip  (matmul of two activations is attention, not a linear)
+CONV_TARGETS = {torch.conv1d, torch.conv2d, torch.conv3d, torch.nn.functional.conv1d, torch.nn.functional.conv2d,
+                torch.nn.functional.conv3d, aten.conv1d.default, aten.conv2d.default, aten.conv3d.default,
+                aten.convolution.default}  # fmt: skip
+BN_TARGETS = {torch.nn.functional.batch_norm, torch.batch_norm, aten.batch_norm.default,
+              aten._native_batch_norm_legit_no_training.default}  # fmt: skip
+MODULES = {"linear": nn.Linear, "conv": (nn.Conv1d, nn.Conv2d, nn.Conv3d), "bn": nn.modules.batchnorm._BatchNorm}
+TARGETS = {"linear": LINEAR_TARGETS, "conv": CONV_TARGETS, "bn": BN_TARGETS}
+
+
+def rel_err(ref, out) -> float:
+    """max |out - ref| / max |ref| over the leaves of two output pytrees."""
+    from branchfold.passes.verify import relative_error
+
+    return relative_error(ref, out)
+
+
+def count_kind(gm: fx.GraphModule, kind: str) -> int:
+    """How many linear / conv / bn ops a graph computes, whatever its dialect."""
+    n = 0
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            n += isinstance(gm.get_submodule(node.target), MODULES[kind])
+        elif node.op == "call_function":
+            n += node.target in TARGETS[kind]
+    return n
+
+
+def dynamo_graph(model: nn.Module, inputs: Sequence[torch.Tensor]) -> tuple[fx.GraphModule, dict, Callable]:
+    """The graph dynamo hands a ``torch.compile`` backend, the placeholder constants, and a runner.
+
+    Parameters and buffers reach the backend as placeholders; the ones that are not user inputs are
+    the constants ``FoldBranchesPass(constants=...)`` needs.
+    """
+    got: dict = {}
+
+    def backend(gm, example_inputs):
+        got["gm"], got["inputs"] = gm, list(example_inputs)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=backend, fullgraph=True, dynamic=False)(*inputs)
+    torch._dynamo.reset()
+    gm, example = got["gm"], got["inputs"]
+    user = {id(t) for t in inputs}
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    constants = {p.name: t for p, t in zip(placeholders, example) if id(t) not in user}
+    order = [id(t) for t in example]
+
+    def run(*xs):
+        by_id = dict(zip([id(t) for t in inputs], xs))
+        return gm(*[by_id.get(i, t) for i, t in zip(order, example)])
+
+    return gm, constants, run
+
+
+@dataclass
+class Folded:
+    gm: fx.GraphModule
+    run: Callable
+    regions: list[Region]
+    not_folded: list[NotFolded]
+    ops_before: int
+    ops_after: int
+    before: dict[str, int]  # linear / conv / bn op counts before folding
+
+    def count(self, kind: str) -> int:
+        return count_kind(self.gm, kind)
+
+    @property
+    def kinds(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for r in self.regions:
+            out[r.kind] = out.get(r.kind, 0) + 1
+        return out
+
+    def reasons(self) -> set[str]:
+        return {n.category for n in self.not_folded}
+
+
+def capture(model: nn.Module, inputs: Sequence[torch.Tensor], dialect: str) -> tuple[fx.GraphModule, dict, Callable]:
+    if dialect == "symbolic_trace":
+        gm = fx.symbolic_trace(model)
+        return gm, {}, gm
+    if dialect == "dynamo":
+        return dynamo_graph(model, inputs)
+    with torch.no_grad():
+        ep = torch.export.export(model, tuple(inputs), strict=False)
+    if dialect == "export-decomposed":
+        ep = ep.run_decompositions()
+    gm = ep.module()
+    return gm, {}, gm
+
+
+def fold_in(dialect: str, model: nn.Module, inputs: Sequence[torch.Tensor], check: bool = True) -> Folded:
+    """Capture ``model`` in ``dialect``, fold with ``FoldBranchesPass`` and (by default) check equality."""
+    inputs = tuple(inputs)
+    gm, constants, run = capture(model, inputs, dialect)
+    if not has_shapes(gm):
+        ShapePropPass(inputs).call(gm)
+    before = {k: count_kind(gm, k) for k in MODULES}
+    ops_before = count_ops(gm)
+    with torch.no_grad():
+        reference = model(*inputs)
+    p = FoldBranchesPass(constants=constants)
+    p.call(gm)
+    assert p.result is not None
+    folded = Folded(gm, run, p.result.regions, p.result.not_folded, ops_before, count_ops(gm), before)
+    if check:
+        assert_close(reference, run, inputs)
+    return folded
+
+
+def assert_close(reference, run: Callable, inputs: Sequence[torch.Tensor], tol: float = 1e-5) -> None:
+    """The folded graph equals the original on ``inputs`` and on a fresh random input set."""
+    with torch.no_grad():
+        err = rel_err(reference, run(*inputs))
+    assert err <= tol, f"relative error {err:.3g} > {tol}"
+
+
+def fresh(inputs: Sequence[torch.Tensor], seed: int = 1) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(x.shape, generator=g, dtype=x.dtype) for x in inputs)
+
+
+def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every BatchNorm non-trivial statistics and affine parameters, so folding it is really tested."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            with torch.no_grad():
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.5)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                if m.affine:
+                    m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                    m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.5)
+    return model
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A deep copy of every parameter and buffer, to prove a model was not modified."""
+    return {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
+
+
+def unchanged(model: nn.Module, snap: dict[str, torch.Tensor]) -> bool:
+    now = model.state_dict(keep_vars=True)
+    return now.keys() == snap.keys() and all(torch.equal(now[k].detach(), v) for k, v in snap.items())
+
+
+__all__ = ["DIALECTS", "Folded", "assert_close", "capture", "copy", "count_kind", "dynamo_graph", "fold_in",
+           "fresh", "randomize_bn", "rel_err", "snapshot", "unchanged"]  # fmt: skip
