@@ -153,7 +153,8 @@ def _low_precision_errors(report: FoldReport, model: nn.Module, folded: nn.Modul
 # report
 
 
-_BOOKKEEPING = {"getitem", "getattr", "_guards_fn", "size", "dim", "sym_size", "sym_numel", "sym_stride"}
+_BOOKKEEPING = {"getitem", "getattr", "_guards_fn", "size", "dim", "sym_size", "sym_numel", "sym_stride",
+                "_log_api_usage_once"}
 
 
 def _is_bookkeeping(n: fx.Node) -> bool:
