@@ -66,7 +66,7 @@ def fold_onnx(
 
     say("folding")
     folded, result = attempt(None)
-    undone: list[Region] = []
+    undone: list[tuple[Region, str]] = []
     outcome = None
     if verify:
         say("verifying with onnxruntime")
@@ -74,22 +74,22 @@ def fold_onnx(
         outcome = checker.check(folded)
         if not outcome.ok and result.regions:
             say("undoing regions that failed the check")
-            names = [r.value.name for r in result.regions]
+            names = result.names
             good = _bisect(names, lambda keep: checker.check(attempt(_only(keep))[0]).ok)
-            undone = [r for r in result.regions if r.value.name not in good]
+            undone = [(r, n) for r, n in zip(result.regions, names) if n not in good]
             folded, result = attempt(_only(good))
             outcome = checker.check(folded)
     say("writing the report")
     folded_proto = ir.to_proto(folded)
     report = FoldReport(
-        folded=[_region_report(r) for r in result.regions],
+        folded=[_region_report(r, n) for r, n in zip(result.regions, result.names)],
         not_folded=[_skipped_report(n) for n in result.not_folded],
         before=totals(proto),
         after=totals(folded_proto),
     )
     report.not_folded += [
-        Skipped(r.value.name, "failed-check", "folded result differed from the original; undone", list(r.labels))
-        for r in undone
+        Skipped(n, "failed-check", "folded result differed from the original; undone", list(r.labels))
+        for r, n in undone
     ]
     if outcome is not None:
         report.max_error, report.tolerance, report.verified = outcome.error, outcome.tolerance, outcome.ok
@@ -102,8 +102,8 @@ def _where(key) -> str:
     return getattr(key, "name", None) or str(key)
 
 
-def _region_report(r: Region) -> FoldedRegion:
-    return FoldedRegion(r.kind, list(r.labels), _where(r.value), r.cost_before, r.cost_after)
+def _region_report(r: Region, name: str) -> FoldedRegion:
+    return FoldedRegion(r.kind, list(r.labels), name, r.cost_before, r.cost_after)
 
 
 def _skipped_report(n: NotFolded) -> Skipped:

@@ -26,6 +26,7 @@ class OnnxFoldResult:
     regions: list[Region]
     not_folded: list[NotFolded]
     walk: WalkResult
+    names: list[str]  # the name each region's value had before the fold (graph outputs are renamed)
 
 
 def _subgraph_reads(node: ir.Node, graph: ir.Graph) -> list[ir.Value]:
@@ -72,9 +73,10 @@ def fold_graph(graph: ir.Graph, select: Callable[[Region], bool] | None = None) 
     walk.regions = [r for r in walk.regions if not _rewrites_to_itself(r)]
     if select is not None:
         walk.regions = [r for r in walk.regions if select(r)]
+    names = [r.value.name for r in walk.regions]
     if walk.regions:
         _Emitter(graph, walk).emit()
-    return OnnxFoldResult(walk.regions, walk.not_folded, walk)
+    return OnnxFoldResult(walk.regions, walk.not_folded, walk, names)
 
 
 def _rewrites_to_itself(r: Region) -> bool:

@@ -1,0 +1,135 @@
+"""The command line: fold a file, report, JSON, and every bad-input path (one line, exit 2, nothing written)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+from branchfold import cli, onnx_io
+
+R = np.random.default_rng(0)
+
+
+@pytest.fixture
+def model_file(tmp_path, make_onnx) -> Path:
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["a"]), helper.make_node("MatMul", ["x", "w1"], ["b"]),
+             helper.make_node("Add", ["a", "b"], ["y"])]  # fmt: skip
+    inits = {"w0": R.standard_normal((64, 64)).astype(np.float32), "w1": R.standard_normal((64, 64)).astype(np.float32)}
+    path = tmp_path / "in.onnx"
+    onnx.save(make_onnx(nodes, [("x", ["N", 64])], [("y", ["N", 64])], inits), path)
+    return path
+
+
+def run(*argv) -> int:
+    return cli.main([str(a) for a in argv])
+
+
+def test_fold_writes_output_and_prints_the_table(model_file, tmp_path, capsys):
+    before = model_file.read_bytes()
+    out = tmp_path / "out.onnx"
+    assert run("fold", model_file, "-o", out) == 0
+    text = capsys.readouterr().out
+    assert "folded regions: 1" in text and "ops" in text and "max relative error" in text
+    folded = onnx.load(out)
+    onnx.checker.check_model(folded, full_check=True)
+    assert [n.op_type for n in folded.graph.node] == ["MatMul"]
+    assert model_file.read_bytes() == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".branchfold-")]  # no temp files left
+
+
+def test_json_and_no_verify(model_file, tmp_path, capsys):
+    assert run("fold", model_file, "-o", tmp_path / "o.onnx", "--json", "--no-verify") == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["counts_by_kind"] == {"parallel-sum": 1} and report["max_error"] is None
+    assert report["before"]["ops"] == 3 and report["after"]["ops"] == 1
+
+
+def test_output_equal_to_input_needs_in_place(model_file, capsys):
+    before = model_file.read_bytes()
+    assert run("fold", model_file, "-o", model_file) == 2
+    assert "--in-place" in capsys.readouterr().err and model_file.read_bytes() == before
+    assert run("fold", model_file, "--in-place") == 0
+    assert [n.op_type for n in onnx.load(model_file).graph.node] == ["MatMul"]
+
+
+def _bad_inputs(tmp_path: Path, model_file: Path, make_onnx) -> dict[str, Path]:
+    text = tmp_path / "text.onnx"
+    text.write_text("hello, not a model\n")
+    truncated = tmp_path / "trunc.onnx"
+    truncated.write_bytes(model_file.read_bytes()[:300])
+    custom = tmp_path / "custom.onnx"
+    m = make_onnx([helper.make_node("Foo", ["x"], ["y"], domain="acme")], [("x", [2])], [("y", [2])])
+    m.opset_import.append(helper.make_opsetid("acme", 1))
+    onnx.save(m, custom)
+    return {"missing": tmp_path / "nope.onnx", "text": text, "truncated": truncated, "custom": custom}
+
+
+@pytest.mark.parametrize("case", ["missing", "text", "truncated", "custom"])
+def test_bad_input_is_one_line_exit_2_and_nothing_written(case, model_file, tmp_path, make_onnx, capsys):
+    src = _bad_inputs(tmp_path, model_file, make_onnx)[case]
+    out = tmp_path / "existing.onnx"
+    out.write_bytes(b"keep me")
+    assert run("fold", src, "-o", out) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("branchfold: error:") and "Traceback" not in err
+    assert out.read_bytes() == b"keep me"
+
+
+def test_external_data_is_read_and_written(model_file, tmp_path):
+    src_dir = tmp_path / "ext"
+    src_dir.mkdir()
+    m = onnx.load(model_file)
+    onnx.save(m, src_dir / "m.onnx", save_as_external_data=True, location="m.data", size_threshold=0)
+    out = tmp_path / "o.onnx"
+    assert run("fold", src_dir / "m.onnx", "-o", out) == 0
+    assert (tmp_path / "o.onnx.data").is_file()  # external in, external out
+    folded = onnx.load(out)
+    assert folded.graph.initializer[0].dims == [64, 64]
+
+
+def test_external_data_outside_the_model_folder_is_refused(model_file, tmp_path, capsys):
+    (tmp_path / "inner").mkdir()
+    m = onnx.load(model_file)
+    onnx.save(m, tmp_path / "inner" / "m.onnx", save_as_external_data=True, location="m.data", size_threshold=0)
+    m2 = onnx.load(tmp_path / "inner" / "m.onnx", load_external_data=False)
+    os.replace(tmp_path / "inner" / "m.data", tmp_path / "m.data")
+    for t in m2.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = "../m.data"
+    onnx.save(m2, tmp_path / "inner" / "m.onnx")
+    assert run("fold", tmp_path / "inner" / "m.onnx", "-o", tmp_path / "o.onnx") == 2
+    assert "outside the model's folder" in capsys.readouterr().err
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_large_models_are_written_with_external_data(model_file, tmp_path, monkeypatch):
+    monkeypatch.setattr(onnx_io, "PROTOBUF_LIMIT", 1000)  # stands in for 2 GB
+    monkeypatch.setattr(onnx_io.save_model, "__kwdefaults__", {"external_data": None, "limit": 1000})
+    assert run("fold", model_file, "-o", tmp_path / "big.onnx", "--no-verify") == 0
+    assert (tmp_path / "big.onnx.data").stat().st_size == 64 * 64 * 4
+    assert onnx.load(tmp_path / "big.onnx").graph.initializer[0].dims == [64, 64]
+
+
+def test_demo_subcommand_is_passed_on(monkeypatch):
+    seen = []
+    monkeypatch.setitem(sys.modules, "branchfold.demo", types.SimpleNamespace(main=lambda argv: seen.append(argv) or 0))
+    assert run("demo", "--quick", "x") == 0 and seen == [["--quick", "x"]]
+
+
+def test_python_dash_m_entry_point(model_file, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "branchfold", "fold", str(model_file), "-o", str(tmp_path / "o.onnx"), "--json"],
+        capture_output=True, text=True, cwd=Path(__file__).parents[1],
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["verified"] is True
