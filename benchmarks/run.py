@@ -1,0 +1,94 @@
+"""``make bench``: every benchmark in one run on this machine, written to RESULTS.md, a chart and raw JSON.
+
+    python -m benchmarks.run [--quick] [--out benchmarks/RESULTS.md] [--threads 1]
+
+``--quick`` is a seconds-long smoke configuration (tiny models, few rounds, no Inductor): its figures
+say nothing about speed, only that the benchmark code still runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from benchmarks import chart, deploy, markdown, pass_speed
+from benchmarks.timing import environment
+
+# Benchmarks owned by other modules: (section title, module name). Each exposes run(quick) -> list[dict].
+OTHERS = {
+    "Inductor compile with the branchfold backend": "bench_compile",
+    "Horizontal fusion": "bench_horizontal",
+}
+
+
+def other_rows(module: str, quick: bool) -> list[dict] | str:
+    """The rows of ``benchmarks.<module>.run(quick)``, or a sentence saying why there are none."""
+    try:
+        mod = importlib.import_module(f"benchmarks.{module}")
+    except ImportError as e:
+        return f"not available ({deploy.reason(e)})"
+    try:
+        return list(mod.run(quick=quick))
+    except Exception as e:  # another module's failure is reported in the results, not fatal to ours
+        return f"not available: run() failed ({deploy.reason(e)})"
+
+
+def main(argv: Sequence[str] | None = None, log: Callable[[str], None] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny smoke configuration (figures meaningless)")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/RESULTS.md"), help="markdown file to write")
+    parser.add_argument("--threads", type=int, default=1, help="torch and onnxruntime intra-op threads")
+    parser.add_argument("--only", choices=["deploy", "pass", "others"], action="append",
+                        help="run only these parts (repeatable); default: all")
+    args = parser.parse_args(argv)
+    say = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    if args.threads < 1:
+        parser.error("--threads must be >= 1")
+    torch.set_num_threads(args.threads)
+    parts = set(args.only or ["deploy", "pass", "others"])
+
+    start = time.perf_counter()
+    rows: list[dict] = []
+    if "deploy" in parts:
+        rows += deploy.run(quick=args.quick, log=say)
+    if "pass" in parts:
+        rows += pass_speed.run(quick=args.quick, log=say)
+    others: dict[str, tuple[str, list[dict] | str]] = {}
+    for title, module in OTHERS.items():
+        if "others" in parts:
+            say(f"{module}")
+            others[title] = (module, other_rows(module, args.quick))
+        else:
+            others[title] = (module, "not run in this invocation (--only)")
+    minutes = (time.perf_counter() - start) / 60
+
+    out: Path = args.out
+    png = out.with_name("results.png")
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    mode = "QUICK smoke configuration: the figures say nothing about speed. " if args.quick else ""
+    header = [
+        f"{mode}Written by `python -m benchmarks.run{' --quick' if args.quick else ''}` (`make bench`) on {stamp}; "
+        f"the whole run took {minutes:.1f} min. All figures come from this one run on the machine described below.",
+        "",
+        f"![results]({png.name})",
+    ]
+    env = environment(args.threads)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(markdown.render(rows, env, others, header))
+    chart.draw(rows, png, f"branchfold benchmarks, {stamp}, {env['cpu']}, {args.threads} thread(s)")
+    raw = {"environment": env, "rows": rows, "others": {t: r for t, (_, r) in others.items()}}
+    out.with_name("results.json").write_text(json.dumps(raw, indent=1, default=str))
+    say(f"wrote {out}, {png} and {out.with_name('results.json')} in {minutes:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
