@@ -1,4 +1,8 @@
-"""Shared test fixtures."""
+"""Shared pytest setup. Being here puts ``tests/`` on sys.path, so test modules import ``helpers`` directly.
+
+Hypothesis settings (``max_examples``, ``deadline=None``) are set on each property test, not in a profile:
+the hypothesis plugin loads its own profile after this file is imported.
+"""
 
 from __future__ import annotations
 
@@ -26,5 +30,5 @@ def _make_onnx(nodes, inputs, outputs, inits=(), opset=None, value_info=()):
 
 @pytest.fixture
 def make_onnx():
-    """Builder of small hand-written ONNX models (see ``_make_onnx``)."""
+    """Builder of small hand-written ONNX models (used by the ONNX tests)."""
     return _make_onnx
