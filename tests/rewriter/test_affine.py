@@ -182,7 +182,7 @@ def conv_pair(draw):
     return a, b
 
 
-@settings(max_examples=120, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(conv_pair(), st.integers(6, 9))
 def test_add_maps_equals_sum_of_convs(pair, size):
     a, b = pair
