@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
+from torch.utils import _pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
 
 from branchfold.errors import InputError
@@ -84,7 +85,31 @@ def fold_module(
     report = _report(gm, final, result, undone, args, kwargs, outcome, training)
     if verify_result and _float_dtype(model) in LOW_PRECISION:
         _low_precision_errors(report, model, final, input_sets)
+    if ref_outputs is not None:
+        return FoldResult(_keep_output_structure(final, ref_outputs[0], _seeded_run(final, args, kwargs, seed)), report)
     return FoldResult(final, report)
+
+
+class OutputStructure(nn.Module):
+    """Gives a folded graph's outputs the original's pytree type back.
+
+    symbolic_trace writes a ``ModelOutput`` (a dict subclass) as a plain dict; the leaves are the same
+    and in the same order, only the container type is lost. ``graph_module`` is the folded graph.
+    """
+
+    def __init__(self, graph_module: fx.GraphModule, spec: pytree.TreeSpec) -> None:
+        super().__init__()
+        self.graph_module, self.spec = graph_module, spec
+
+    def forward(self, *args, **kwargs):
+        return pytree.tree_unflatten(pytree.tree_leaves(self.graph_module(*args, **kwargs)), self.spec)
+
+
+def _keep_output_structure(gm: fx.GraphModule, reference, got) -> nn.Module:
+    spec, got_spec = pytree.tree_structure(reference), pytree.tree_structure(got)
+    if spec == got_spec or spec.num_leaves != got_spec.num_leaves:
+        return gm
+    return OutputStructure(gm, spec)
 
 
 def _only(names: Sequence[str]) -> Callable[[Region], bool]:
