@@ -1,0 +1,277 @@
+"""``torch.compile(model, backend="branchfold")``: fold the dynamo graph, then hand it to Inductor.
+
+Dynamo passes a module's parameters and buffers as graph inputs, re-read from the module on every
+call. The backend folds only inference graphs (grad disabled, no training-mode BatchNorm/Dropout),
+treating parameter and buffer inputs as constants; any other graph goes to the inner backend as it is,
+so training numerics and gradients are untouched.
+
+Folded weights are not baked into the compiled code: they become *extra inputs* of the graph the inner
+backend compiles. When a parameter a fold read changes in place after compiling (optimizer step,
+``load_state_dict``, ``.data`` assignment, ``w.add_()`` under no_grad), the next call sees it through a
+cheap guard (object identity, ``_version`` counter and data pointer of each folded parameter) and
+refolds in float64 without recompiling; only if the new weights change the folded graph's structure
+(a bias becoming exactly zero, say) is the inner backend called again.
+
+Options (``torch.compile(..., options={...})``): ``backend`` (the inner backend, a registered name
+such as ``"eager"`` or ``"aot_eager"`` or a callable; default ``"inductor"``), ``verify`` (check the
+folded graph against the original on the example and random inputs, default True), ``tolerance``;
+any other key is an Inductor option. ``mode`` is passed to Inductor.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx
+from torch.fx.experimental.symbolic_shapes import guarding_hint_or_throw
+
+from branchfold.errors import InputError
+from branchfold.passes import verify
+from branchfold.passes.fx import FoldBranchesPass
+from branchfold.passes.pipeline import _bisect, _only
+from branchfold.rewriter.region import Region
+
+log = logging.getLogger(__name__)
+
+Compiler = Callable[[fx.GraphModule, list], Callable]
+DEFAULT_INNER = "inductor"
+
+
+def branchfold_backend(
+    gm: fx.GraphModule, example_inputs: Sequence, *, mode: str | None = None, options: dict | None = None
+) -> Callable:
+    """The ``torch_dynamo_backends`` entry point: fold ``gm`` if it is an inference graph, then compile."""
+    opts = dict(options or {})
+    inner = opts.pop("backend", DEFAULT_INNER)
+    check = bool(opts.pop("verify", True))
+    tolerance = opts.pop("tolerance", None)
+    compile_inner = inner_compiler(inner, mode, opts)
+    constants = constant_inputs(gm, example_inputs)
+    if torch.is_grad_enabled() or not constants:
+        return compile_inner(gm, list(example_inputs))
+    folded = FoldedGraph(gm, list(example_inputs), constants, compile_inner, check, tolerance)
+    if not folded.active:
+        return compile_inner(gm, list(example_inputs))
+    return folded
+
+
+def make_backend(inner: str | Compiler = DEFAULT_INNER, **options: Any) -> Callable:
+    """A backend callable with its options bound: ``torch.compile(m, backend=make_backend("eager"))``."""
+
+    def backend(gm: fx.GraphModule, example_inputs: Sequence) -> Callable:
+        return branchfold_backend(gm, example_inputs, options={"backend": inner, **options})
+
+    backend.__name__ = f"branchfold_{getattr(inner, '__name__', inner)}"
+    return backend
+
+
+def inner_compiler(inner: str | Compiler, mode: str | None, options: dict) -> Compiler:
+    """The backend that compiles the folded graph; Inductor takes ``mode`` and extra options."""
+    from torch._dynamo.backends.registry import list_backends, lookup_backend
+
+    if inner in ("inductor", None):
+        from torch._inductor import list_mode_options
+        from torch._inductor.compile_fx import compile_fx
+
+        patches = {**(list_mode_options(mode) if mode and mode != "default" else {}), **options}
+        return lambda g, inputs: compile_fx(g, inputs, config_patches=patches or None)
+    if options or (mode and mode != "default"):
+        raise InputError(f"options {sorted(options)} and mode apply to Inductor only, not to backend {inner!r}")
+    if isinstance(inner, str) and inner not in list_backends(exclude_tags=()):
+        raise InputError(f"unknown inner backend {inner!r}: pick one of torch._dynamo.list_backends()")
+    if inner == "branchfold":
+        raise InputError("the inner backend of branchfold cannot be branchfold itself: use 'inductor' or 'eager'")
+    return lookup_backend(inner)
+
+
+def constant_inputs(gm: fx.GraphModule, example_inputs: Sequence) -> dict[str, int]:
+    """Placeholders that carry a module's parameter or buffer: name -> position in the inputs.
+
+    Dynamo re-reads these from the module on every call; they are constants for one call, and the
+    guard in ``FoldedGraph`` notices when they change between calls. Inference tensors have no version
+    counter to watch, so they are left unfolded.
+    """
+    found = {}
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for i, (node, value) in enumerate(zip(placeholders, example_inputs)):
+        if not isinstance(value, torch.Tensor) or value.is_inference():
+            continue
+        grapharg = node.meta.get("grapharg")
+        source = grapharg.source.name if grapharg is not None and hasattr(grapharg, "source") else ""
+        if isinstance(value, torch.nn.Parameter) or "_buffers_" in node.name or "._buffers[" in source:
+            found[node.name] = i
+    return found
+
+
+@dataclass
+class _Fold:
+    gm: fx.GraphModule  # folded weights turned into trailing placeholders
+    tensors: list[torch.Tensor]  # their values, in placeholder order
+    regions: list[Region]
+    read: list[int]  # input positions of the parameters the folds read
+
+
+class FoldedGraph:
+    """The compiled callable: guards the folded parameters, refolds when they change, runs the graph."""
+
+    def __init__(
+        self,
+        gm: fx.GraphModule,
+        example_inputs: list,
+        constants: dict[str, int],
+        compile_inner: Compiler,
+        check: bool,
+        tolerance: float | None,
+    ) -> None:
+        self.original, self.constants, self.compile_inner = gm, constants, compile_inner
+        self.check, self.tolerance = check, tolerance
+        self.pristine = copy.deepcopy(gm.graph)
+        self.users = {n.name: len(n.users) for n in gm.graph.nodes if n.op == "placeholder"}
+        self.static = not any(_symbolic(x) for x in example_inputs)
+        # Inputs other than parameters are kept (cloned) to re-check a refold against the original.
+        concrete = [_concrete(x) for x in example_inputs]
+        self.examples = [x if i in constants.values() else _clone(x) for i, x in enumerate(concrete)]
+        self.refolds = 0
+        fold = self._fold(concrete)
+        self.active = bool(fold.regions)
+        if self.active:
+            self._install(fold, example_inputs)
+            self.compiled = compile_inner(fold.gm, list(example_inputs) + fold.tensors)
+
+    # -- the hot path ---------------------------------------------------------------------------------
+
+    def __call__(self, *args: Any) -> Any:
+        if not self.fresh(args):
+            self._refold(args)
+        return self.compiled(*args, *self.tensors)
+
+    def fresh(self, args: Sequence) -> bool:
+        """Whether every parameter the folds read is the same tensor, unmodified, as at fold time."""
+        for i, tensor, version, ptr in self.watch:
+            a = args[i]
+            if a is not tensor or a._version != version or a.data_ptr() != ptr:
+                return False
+        return True
+
+    # -- folding --------------------------------------------------------------------------------------
+
+    def _fold(self, inputs: Sequence) -> _Fold:
+        """Fold with ``inputs``' parameters as constants; regions that fail the check are undone."""
+        consts = {name: inputs[i] for name, i in self.constants.items()}
+
+        def attempt(select: Callable[[Region], bool] | None) -> _Fold:
+            gm = fx.GraphModule(self.original, copy.deepcopy(self.pristine), class_name="BranchfoldGraph")
+            fold = FoldBranchesPass(consts, select)
+            with torch.no_grad():
+                fold.call(gm)
+            tensors = _lift_weights(gm)
+            users = {n.name: len(n.users) for n in gm.graph.nodes if n.op == "placeholder"}
+            read = [i for name, i in self.constants.items() if users[name] < self.users[name]]
+            return _Fold(gm, tensors, fold.result.regions, read)
+
+        fold = attempt(None)
+        if not self.check or not fold.regions or self._agrees(fold, inputs):
+            return fold
+        names = [r.value.name for r in fold.regions]
+        good = _bisect(names, lambda keep: self._agrees(attempt(_only(keep)), inputs))
+        fold = attempt(_only(good))
+        if fold.regions and not self._agrees(fold, inputs):  # each part passed, together they do not
+            good, fold = [], attempt(_only([]))
+        log.warning("branchfold: %d of %d folds differed from the original and were undone", len(names) - len(good), len(names))
+        return fold
+
+    def _agrees(self, fold: _Fold, inputs: Sequence) -> bool:
+        """The folded graph against the original on the example inputs and on random ones.
+
+        Only non-scalar tensors that are not parameters are randomized: 0-d tensors are Python scalars
+        dynamo lifted (a LayerNorm's eps), where random values mean nothing.
+        """
+        free = [i for i, x in enumerate(inputs) if i not in self.constants.values() and _randomizable(x)]
+        fresh = dict(zip(free, verify.random_inputs([inputs[i] for i in free], torch.Generator().manual_seed(0))))
+        sets = [list(inputs), [fresh.get(i, x) for i, x in enumerate(inputs)]]
+        outcome = verify.check(
+            lambda *a: self.original(*a),
+            lambda *a: fold.gm(*a, *fold.tensors),
+            [(s, {}) for s in sets],
+            self.tolerance,
+        )
+        return outcome.ok
+
+    def _install(self, fold: _Fold, inputs: Sequence) -> None:
+        self.code = fold.gm.code
+        self.tensors = fold.tensors
+        self.watch = [(i, inputs[i], inputs[i]._version, inputs[i].data_ptr()) for i in fold.read]
+
+    def _refold(self, args: Sequence) -> None:
+        """The parameters changed: fold again from the live tensors; recompile only if the graph differs.
+
+        A graph compiled for dynamic shapes cannot be compiled again outside dynamo (the real inputs
+        would fix the shapes), so that rare case runs the new folded graph eagerly and says so.
+        """
+        self.refolds += 1
+        live = [x if i in self.constants.values() else self.examples[i] for i, x in enumerate(args)]
+        fold = self._fold(live)
+        if fold.gm.code != self.code:
+            if self.static:
+                log.warning("branchfold: the new weights change the folded graph; compiling it again")
+                self.compiled = self.compile_inner(fold.gm, list(live) + fold.tensors)
+            else:
+                log.warning(
+                    "branchfold: the new weights change the folded graph of a dynamic-shape compile; it runs "
+                    "eagerly now: call torch._dynamo.reset() to compile it again"
+                )
+                self.compiled = fold.gm
+        self._install(fold, args)
+
+
+def _symbolic(x: Any) -> bool:
+    if isinstance(x, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        return True
+    return isinstance(x, torch.Tensor) and any(not isinstance(d, int) for d in x.shape)
+
+
+def _randomizable(x: Any) -> bool:
+    return isinstance(x, torch.Tensor) and x.dim() > 0
+
+
+def _concrete(x: Any) -> Any:
+    """The example value of a symbolic size input (``dynamic=True``), to run the graph eagerly."""
+    if isinstance(x, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        return x.node.hint if x.node.has_hint() else guarding_hint_or_throw(x)
+    return x
+
+
+def _clone(x: Any) -> Any:
+    return x.detach().clone() if isinstance(x, torch.Tensor) else x
+
+
+def _lift_weights(gm: fx.GraphModule) -> list[torch.Tensor]:
+    """Turn the folded weights (``get_attr`` of new parameters) into trailing placeholders; their values.
+
+    The inner backend then compiles a graph that takes them as inputs, so a refold only swaps tensors.
+    """
+    graph = gm.graph
+    anchor = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    lifted: dict[str, fx.Node] = {}
+    tensors: list[torch.Tensor] = []
+    for node in list(graph.nodes):
+        if node.op != "get_attr" or not str(node.target).startswith("branchfold_"):
+            continue
+        target = str(node.target)
+        if target not in lifted:
+            value = getattr(gm, target).detach()
+            with graph.inserting_after(anchor):
+                lifted[target] = anchor = graph.placeholder(target)
+            lifted[target].meta["example_value"] = value
+            tensors.append(value)
+            delattr(gm, target)
+        node.replace_all_uses_with(lifted[target])
+        graph.erase_node(node)
+    graph.lint()
+    gm.recompile()
+    return tensors
