@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -169,7 +169,7 @@ class FoldedGraph:
             fold = FoldBranchesPass(consts, select)
             with torch.no_grad():
                 fold.call(gm)
-            tensors = _lift_weights(gm)
+            tensors = [t for _, _, t in lift_folded_weights(gm)]
             users = {n.name: len(n.users) for n in gm.graph.nodes if n.op == "placeholder"}
             read = [i for name, i in self.constants.items() if users[name] < self.users[name]]
             return _Fold(gm, tensors, fold.result.regions, read)
@@ -250,28 +250,38 @@ def _clone(x: Any) -> Any:
     return x.detach().clone() if isinstance(x, torch.Tensor) else x
 
 
-def _lift_weights(gm: fx.GraphModule) -> list[torch.Tensor]:
-    """Turn the folded weights (``get_attr`` of new parameters) into trailing placeholders; their values.
+def lift_folded_weights(
+    gm: fx.GraphModule, after: fx.Node | None = None, prefix: str = "", taken: Collection[str] = ()
+) -> list[tuple[str, fx.Node, torch.Tensor]]:
+    """Turn the folded weights (``get_attr`` of the new parameters) into placeholders.
 
-    The inner backend then compiles a graph that takes them as inputs, so a refold only swaps tensors.
+    The placeholders go after ``after`` (default: after the last one); a weight name found in ``taken``
+    is renamed. Returns ``(name, placeholder, tensor)`` per weight, in placeholder order. The backend
+    compiles graphs that take folded weights as inputs, so a refold only swaps tensors; an
+    ExportedProgram lifts every weight by design.
     """
     graph = gm.graph
-    anchor = [n for n in graph.nodes if n.op == "placeholder"][-1]
-    lifted: dict[str, fx.Node] = {}
-    tensors: list[torch.Tensor] = []
+    anchor = after or [n for n in graph.nodes if n.op == "placeholder"][-1]
+    lifted: dict[str, tuple[str, fx.Node, torch.Tensor]] = {}
+    used = set(taken)
     for node in list(graph.nodes):
         if node.op != "get_attr" or not str(node.target).startswith("branchfold_"):
             continue
         target = str(node.target)
         if target not in lifted:
             value = getattr(gm, target).detach()
-            with graph.inserting_after(anchor):
-                lifted[target] = anchor = graph.placeholder(target)
-            lifted[target].meta["example_value"] = value
-            tensors.append(value)
             delattr(gm, target)
-        node.replace_all_uses_with(lifted[target])
+            name, k = target, 0
+            while name in used:
+                k += 1
+                name = f"{target}_{k}"
+            used.add(name)
+            with graph.inserting_after(anchor):
+                anchor = graph.placeholder(prefix + name)
+            anchor.meta["example_value"] = value
+            lifted[target] = (name, anchor, value)
+        node.replace_all_uses_with(lifted[target][1])
         graph.erase_node(node)
     graph.lint()
     gm.recompile()
-    return tensors
+    return list(lifted.values())
