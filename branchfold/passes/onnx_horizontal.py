@@ -20,7 +20,7 @@ import onnx_ir.passes.common as common
 import torch
 
 from branchfold.patterns import horizontal
-from branchfold.patterns.horizontal import DEFAULT_POLICY, Fused, HorizontalMode, Member, Policy
+from branchfold.patterns.horizontal import ONNX_POLICY, Fused, HorizontalMode, Member, Policy
 from branchfold.patterns.onnx_ops import OnnxContext, recognize
 from branchfold.rewriter.affine import Conv, Dense, Diagonal, Refusal, compose_maps
 from branchfold.rewriter.onnx_adapter import _Emitter
@@ -57,12 +57,13 @@ class OnnxHorizontalResult:
 class HorizontalFusionPass(ir.passes.InPlacePass):
     """Fuses N ≥ 2 MatMul/Gemm (or Convs of identical geometry) reading one value into one op + Split.
 
-    ``mode``: ``"auto"`` (where ``patterns.horizontal.pays``), ``"on"`` or ``"off"``. Shape inference
+    ``mode``: ``"auto"`` (where ``patterns.horizontal.pays`` under ``ONNX_POLICY``: measured not to pay on
+    onnxruntime CPU, so nothing by default), ``"on"`` or ``"off"``. Shape inference
     runs first unless ``infer_shapes=False``. The last result is on ``self.result``.
     """
 
     def __init__(
-        self, mode: HorizontalMode = "auto", policy: Policy = DEFAULT_POLICY, infer_shapes: bool = True
+        self, mode: HorizontalMode = "auto", policy: Policy = ONNX_POLICY, infer_shapes: bool = True
     ) -> None:
         super().__init__()
         self.mode = horizontal.check_mode(mode)

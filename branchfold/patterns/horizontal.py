@@ -118,14 +118,23 @@ class Policy:
     ``conv``: whether convs are fused in auto mode.
     """
 
-    max_macs_per_row: int = 4 * 1024 * 1024
+    max_macs_per_row: int = 512 * 1024
     conv: bool = True
     min_members: int = 2
 
 
-DEFAULT_POLICY = Policy()
+DEFAULT_POLICY = Policy()  # eager torch (the FX pass)
+ONNX_POLICY = Policy(max_macs_per_row=0, conv=False)  # onnxruntime CPU: auto leaves graphs alone
 
-POLICY_NOTES = "filled in from benchmarks/bench_horizontal.py"
+POLICY_NOTES = """\
+CPU, 1 thread, fused/separate median time (benchmarks/bench_horizontal.py, 7 interleaved rounds):
+eager torch  - Dense in x sum(out) <= 110k MACs/row (64->2x64, 192->3x192): 0.59-0.96 for 1..2048 rows
+               (one outlier 1.11 at 64->2x64, 2048 rows, spread 1.3); 768->3x768 (1.8M): 0.95-1.08,
+               768->3072+768 (2.9M): 0.91-1.21 -> no gain at that size, so auto stops at 512k.
+               conv3x3 16->2x16: 0.69, 64->3x64: 0.88. seed ViT (folded): 0.97, HF ViT-Tiny-like: 0.99.
+onnxruntime  - synthetic Dense 1.0-1.45 (its Split copies the outputs), convs 0.98-1.06, HF ViT 0.95:
+               gains within noise, losses on synthetic cases -> auto does not fuse; mode="on" forces it.
+"""
 
 
 def pays(fused: Fused, policy: Policy = DEFAULT_POLICY) -> bool:

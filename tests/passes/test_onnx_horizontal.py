@@ -159,3 +159,14 @@ def test_off_leaves_the_model_alone_and_bad_mode_is_refused():
     assert not p.result.groups and _ops(fused, "MatMul") == 3
     with pytest.raises(InputError):
         HorizontalFusionPass("sometimes")  # type: ignore[arg-type]
+
+
+def test_auto_follows_the_measured_onnx_policy(dynamo_qkv):
+    from branchfold.patterns.horizontal import Policy
+
+    _, p = _fuse(dynamo_qkv, "auto")
+    assert p.result.groups and not p.result.fused  # onnxruntime CPU: measured not to pay
+    model = ir.from_proto(dynamo_qkv)
+    forced = HorizontalFusionPass("auto", policy=Policy())
+    forced(model)
+    assert forced.result.fused
