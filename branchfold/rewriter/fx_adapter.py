@@ -107,9 +107,13 @@ class _Emitter:
         for region in sorted(self.walk.regions, key=lambda r: order[r.value]):
             value: fx.Node = region.value
             with self.graph.inserting_before(value):
-                src = self._source(region.source)
                 dtype, device = self._dtype_device(region)
-                new = self._apply(region.map, src, dtype, device, value)
+                if isinstance(region.source, SplitSource) and isinstance(region.map, Diagonal):
+                    # LayerNorm then per-channel ops: one LayerNorm with the fused γ, β
+                    new = self._layer_norm(region.source.op, region.map, dtype, device)
+                else:
+                    src = self._source(region.source)
+                    new = self._apply(region.map, src, dtype, device, value)
             value.replace_all_uses_with(new)
             self.replaced[value] = new
         self._remove_dead()
@@ -122,7 +126,7 @@ class _Emitter:
             return self.plain[ln]
         return self.replaced.get(source, source)
 
-    def _plain_layer_norm(self, ln: fx.Node) -> fx.Node:
+    def _plain_layer_norm(self, ln: fx.Node, weight: fx.Node | None = None, bias: fx.Node | None = None) -> fx.Node:
         if ln.op == "call_module":
             mod = self.gm.get_submodule(ln.target)
             x, shape, eps = ln.args[0], list(mod.normalized_shape), mod.eps
@@ -132,7 +136,15 @@ class _Emitter:
             eps = ln.args[4] if len(ln.args) > 4 else ln.kwargs.get("eps", 1e-5)
         x = self.replaced.get(x, x)
         fn = aten.layer_norm.default if self.aten else F.layer_norm
-        return self.graph.call_function(fn, (x, list(shape), None, None, eps))
+        return self.graph.call_function(fn, (x, list(shape), weight, bias, eps))
+
+    def _layer_norm(self, ln: fx.Node, m: Diagonal, dtype, device) -> fx.Node:
+        n = int(ln.meta["val"].shape[-1]) if "val" in ln.meta else None
+        n = n or (self.gm.get_submodule(ln.target).normalized_shape[0] if ln.op == "call_module" else None)
+        n = n or max(m.scale.numel(), m.shift.numel())
+        weight = self._param(m.scale.expand(n), dtype, device, "weight")
+        bias = self._param(m.shift.expand(n), dtype, device, "bias")
+        return self._plain_layer_norm(ln, weight, bias)
 
     def _dtype_device(self, region: Region) -> tuple[torch.dtype, torch.device]:
         for key in reversed(region.ops):
@@ -213,18 +225,19 @@ class _Emitter:
 
     def _remove_dead(self) -> None:
         """Erase the ops the regions replaced, and what only they used; nothing else is touched."""
-        candidates = [k for r in self.walk.regions for k in r.ops] + list(self.replaced)
+        candidates = [k for r in self.walk.regions for k in r.ops] + list(self.replaced)  # users last
+        folded = set(candidates)  # proven affine, so pure even where torch says not (eval-mode dropout)
         seen = set()
         while candidates:
             node = candidates.pop()
             if node in seen or node.graph is not self.graph:
                 continue
-            if node.users or node.op in ("placeholder", "output") or node.is_impure():
+            if node.users or node.op in ("placeholder", "output") or (node.is_impure() and node not in folded):
                 continue
             seen.add(node)
             inputs = node.all_input_nodes
             self.graph.erase_node(node)
-            candidates.extend(n for n in inputs if n.op in ("get_attr", "call_function", "call_method"))
+            candidates.extend(n for n in inputs if n.op in ("get_attr", "call_function", "call_method", "call_module"))
         for node in list(self.graph.nodes):  # a weight read by several folded regions dies with the last
             if node.op == "get_attr" and not node.users:
                 self.graph.erase_node(node)
