@@ -1,27 +1,32 @@
 """``torch.compile(model, backend="branchfold")``: fold the dynamo graph, then hand it to Inductor.
 
 Dynamo passes a module's parameters and buffers as graph inputs, re-read from the module on every
-call. The backend folds only inference graphs (grad disabled, no training-mode BatchNorm/Dropout),
-treating parameter and buffer inputs as constants; any other graph goes to the inner backend as it is,
-so training numerics and gradients are untouched.
+call. The backend folds only inference graphs (grad disabled or inference mode; training-mode
+BatchNorm/Dropout are refused by the recognizers), treating parameter and buffer inputs as constants;
+a graph compiled with grad enabled goes to the inner backend as it is, so training outputs and
+gradients are untouched.
 
-Folded weights are not baked into the compiled code: they become *extra inputs* of the graph the inner
-backend compiles. When a parameter a fold read changes in place after compiling (optimizer step,
-``load_state_dict``, ``.data`` assignment, ``w.add_()`` under no_grad), the next call sees it through a
-cheap guard (object identity, ``_version`` counter and data pointer of each folded parameter) and
-refolds in float64 without recompiling; only if the new weights change the folded graph's structure
-(a bias becoming exactly zero, say) is the inner backend called again.
+Folded weights are not baked into the compiled code: they are *extra inputs* of the graph the inner
+backend compiles. Before each call a guard checks every parameter a fold read: same object, same
+``_version`` counter, same data pointer. That sees optimizer steps, ``load_state_dict``, in-place ops
+under no_grad, ``p.data = t`` and replaced parameters; the next call refolds in float64 and swaps the
+tensors, without recompiling (only if the new weights change the folded graph's structure, such as a
+folded bias becoming exactly zero, is the inner backend called again). Writes through ``p.data``
+(``p.data.copy_(w)``) bypass the version counter by design: call ``invalidate()`` after them, or
+compile with ``options={"weight_check": "values"}``, which compares values on every call (costly).
 
 Options (``torch.compile(..., options={...})``): ``backend`` (the inner backend, a registered name
 such as ``"eager"`` or ``"aot_eager"`` or a callable; default ``"inductor"``), ``verify`` (check the
-folded graph against the original on the example and random inputs, default True), ``tolerance``;
-any other key is an Inductor option. ``mode`` is passed to Inductor.
+folded graph against the original on the example and random inputs, default True), ``tolerance``,
+``weight_check`` (``"metadata"`` or ``"values"``); any other key is an Inductor option, and ``mode``
+goes to Inductor. ``make_backend("eager", ...)`` binds the same options into a backend callable.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import weakref
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -50,14 +55,29 @@ def branchfold_backend(
     inner = opts.pop("backend", DEFAULT_INNER)
     check = bool(opts.pop("verify", True))
     tolerance = opts.pop("tolerance", None)
+    by_value = opts.pop("weight_check", "metadata") == "values"
     compile_inner = inner_compiler(inner, mode, opts)
     constants = constant_inputs(gm, example_inputs)
     if torch.is_grad_enabled() or not constants:
         return compile_inner(gm, list(example_inputs))
-    folded = FoldedGraph(gm, list(example_inputs), constants, compile_inner, check, tolerance)
+    folded = FoldedGraph(gm, list(example_inputs), constants, compile_inner, check, tolerance, by_value)
     if not folded.active:
         return compile_inner(gm, list(example_inputs))
     return folded
+
+
+_LIVE: weakref.WeakSet[FoldedGraph] = weakref.WeakSet()
+
+
+def invalidate() -> None:
+    """Make every folded graph refold on its next call.
+
+    Writes through ``param.data`` (``p.data.copy_(w)``) bypass the version counter by design, so the
+    default guard cannot see them: call this after such writes, or compile with
+    ``options={"weight_check": "values"}`` (compares the folded parameters' values on every call).
+    """
+    for graph in list(_LIVE):
+        graph.stale = True
 
 
 def make_backend(inner: str | Compiler = DEFAULT_INNER, **options: Any) -> Callable:
@@ -127,9 +147,11 @@ class FoldedGraph:
         compile_inner: Compiler,
         check: bool,
         tolerance: float | None,
+        by_value: bool = False,
     ) -> None:
         self.original, self.constants, self.compile_inner = gm, constants, compile_inner
-        self.check, self.tolerance = check, tolerance
+        self.check, self.tolerance, self.by_value = check, tolerance, by_value
+        self.stale = False
         self.pristine = copy.deepcopy(gm.graph)
         self.users = {n.name: len(n.users) for n in gm.graph.nodes if n.op == "placeholder"}
         self.static = not any(_symbolic(x) for x in example_inputs)
@@ -140,13 +162,15 @@ class FoldedGraph:
         fold = self._fold(concrete)
         self.active = bool(fold.regions)
         if self.active:
+            _LIVE.add(self)
+            log.info("branchfold: folded %d region(s) of a dynamo graph", len(fold.regions))
             self._install(fold, example_inputs)
             self.compiled = compile_inner(fold.gm, list(example_inputs) + fold.tensors)
 
     # -- the hot path ---------------------------------------------------------------------------------
 
     def __call__(self, *args: Any) -> Any:
-        if not self.fresh(args):
+        if self.stale or not self.fresh(args):
             self._refold(args)
         return self.compiled(*args, *self.tensors)
 
@@ -156,6 +180,8 @@ class FoldedGraph:
             a = args[i]
             if a is not tensor or a._version != version or a.data_ptr() != ptr:
                 return False
+        if self.by_value:
+            return all(torch.equal(args[i], snapshot) for i, snapshot in self.snapshots)
         return True
 
     # -- folding --------------------------------------------------------------------------------------
@@ -206,6 +232,8 @@ class FoldedGraph:
         self.code = fold.gm.code
         self.tensors = fold.tensors
         self.watch = [(i, inputs[i], inputs[i]._version, inputs[i].data_ptr()) for i in fold.read]
+        self.snapshots = [(i, inputs[i].detach().clone()) for i in fold.read] if self.by_value else []
+        self.stale = False
 
     def _refold(self, args: Sequence) -> None:
         """The parameters changed: fold again from the live tensors; recompile only if the graph differs.

@@ -1,0 +1,336 @@
+"""The torch.compile backend: folds inference graphs, never goes stale, leaves training alone.
+
+Most tests hand off to the ``"eager"`` backend (Inductor compiles take tens of seconds on CPU); one test
+runs the default Inductor hand-off end to end.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+from branchfold.errors import InputError
+from branchfold.passes import verify
+from branchfold.passes.backend import FoldedGraph, branchfold_backend, invalidate, make_backend
+from branchfold.zoo import ZOO, seed_vit
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def small_vit(branches: int = 4) -> nn.Module:
+    return seed_vit(depth=1, branches=branches, dim=32, heads=2, mlp_ratio=2, image_size=8, patch=4).eval()
+
+
+class Recorder:
+    """A backend that runs branchfold (eager hand-off unless told) and keeps what it returned."""
+
+    def __init__(self, **options) -> None:
+        self.options = {"backend": "eager", **options}
+        self.compiled: list = []
+
+    def __call__(self, gm, example_inputs):
+        out = branchfold_backend(gm, example_inputs, options=self.options)
+        self.compiled.append(out)
+        return out
+
+    @property
+    def folded(self) -> FoldedGraph:
+        graphs = [c for c in self.compiled if isinstance(c, FoldedGraph)]
+        assert graphs, "the backend folded nothing"
+        return graphs[-1]
+
+
+def linear_calls(code: str) -> int:
+    return code.count("linear(")
+
+
+def close(a, b, tol: float = 1e-5) -> bool:
+    return verify.relative_error(a, b) <= tol
+
+
+# ---------------------------------------------------------------------------------------------
+# correctness
+
+
+@pytest.mark.parametrize("name", ["repvgg", "acnet", "dbb", "mobileone", "grouped-mlp"])
+def test_zoo_models_fold_and_match_eager(name):
+    entry = ZOO[name]
+    model = entry.build().eval()
+    (x,) = entry.example_input(model, 2)
+    rec = Recorder()
+    with torch.no_grad():
+        out = torch.compile(model, backend=rec)(x)
+        ref = model(x)
+    assert close(ref, out)
+    assert rec.folded.active and len(rec.folded.watch) > 0
+
+
+def test_seed_vit_folds_to_the_single_path_graph():
+    model = small_vit()
+    plain = ZOO["seed-vit"].single_path(model).eval()
+    x = model.example_input(3)
+    rec, rec_plain = Recorder(), Recorder()
+    with torch.no_grad():
+        out = torch.compile(model, backend=rec)(x)
+        torch.compile(plain, backend=rec_plain)(x)
+    assert close(model(x), out)
+    assert close(plain(x), out)
+    # 6 linears per block (q, k, v, proj, fc1, fc2) + head, as in the hand-written single path
+    assert linear_calls(rec.folded.code) == linear_calls(rec_plain.folded.original.code) == 7
+    assert linear_calls(rec.folded.original.code) == 6 * 4 + 1
+
+
+def test_hugging_face_bert_under_the_backend():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=16, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.BertModel(config).eval()
+    ids = torch.randint(0, 64, (2, 8))
+    rec = Recorder()
+    with torch.no_grad():
+        out = torch.compile(model, backend=rec)(input_ids=ids).last_hidden_state
+        ref = model(input_ids=ids).last_hidden_state
+    assert close(ref, out)
+    # LayerNorm affine -> next linear chains (embeddings LN into q, k, v)
+    assert len(rec.folded.watch) > 0
+
+
+def test_inference_mode_folds_too():
+    model = small_vit()
+    x = model.example_input(2)
+    rec = Recorder()
+    with torch.inference_mode():
+        out = torch.compile(model, backend=rec)(x)
+        ref = model(x)
+    assert close(ref, out) and rec.folded.active
+
+
+# ---------------------------------------------------------------------------------------------
+# stale weights
+
+
+def test_in_place_parameter_changes_refold_without_recompiling():
+    model = small_vit()
+    x = model.example_input(2)
+    rec = Recorder()
+    compiled = torch.compile(model, backend=rec)
+    block = model.blocks[0]
+    with torch.no_grad():
+        compiled(x)
+    folded = rec.folded
+
+    def mutate_with_optimizer():
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        model(x).sum().backward()  # eager: grad mode compiles a separate, unfolded graph
+        opt.step()
+        opt.zero_grad()
+
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    mutations = [
+        lambda: block.attn.q.branches[1].weight.add_(0.05),
+        mutate_with_optimizer,
+        lambda: model.load_state_dict(saved),
+        lambda: setattr(block.mlp.fc2.branches[2].weight, "data", torch.randn_like(block.mlp.fc2.branches[2].weight)),
+        lambda: block.norm1.weight.mul_(1.5),  # LayerNorm γ folded into q, k, v
+    ]
+    for i, mutate in enumerate(mutations):
+        with torch.set_grad_enabled(mutate is mutate_with_optimizer):
+            mutate()
+        with torch.no_grad():
+            assert close(model(x), compiled(x)), f"mutation {i} served stale folded weights"
+        assert folded.refolds == i + 1
+    with torch.no_grad():
+        compiled(x)
+    assert folded.refolds == len(mutations)  # nothing changed: no refold
+    assert len([c for c in rec.compiled if isinstance(c, FoldedGraph)]) == 1  # never recompiled
+
+
+def test_writes_through_data_need_value_checks_or_invalidate():
+    """``p.data.copy_`` bypasses the version counter: the values mode and ``invalidate()`` catch it."""
+    model = small_vit()
+    x = model.example_input(2)
+    weight = model.blocks[0].mlp.fc1.branches[0].weight
+    by_value = Recorder(weight_check="values")
+    compiled = torch.compile(model, backend=by_value)
+    with torch.no_grad():
+        compiled(x)
+        weight.data.copy_(torch.randn_like(weight))
+        assert close(model(x), compiled(x))
+    assert by_value.folded.refolds == 1
+
+    torch._dynamo.reset()
+    rec = Recorder()
+    compiled = torch.compile(model, backend=rec)
+    with torch.no_grad():
+        compiled(x)
+        weight.data.mul_(2.0)
+        invalidate()
+        assert close(model(x), compiled(x))
+    assert rec.folded.refolds == 1
+
+
+def test_replaced_parameter_object_is_noticed():
+    model = small_vit()
+    x = model.example_input(2)
+    rec = Recorder()
+    compiled = torch.compile(model, backend=rec)
+    with torch.no_grad():
+        compiled(x)
+        fc = model.blocks[0].mlp.fc1.branches[3]
+        fc.bias = nn.Parameter(torch.randn_like(fc.bias))
+        assert close(model(x), compiled(x))
+    assert rec.folded.refolds == 1
+
+
+def test_weights_that_change_the_folded_graph_recompile():
+    class TwoBranches(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            return torch.relu(self.a(x) + self.b(x))
+
+    model = TwoBranches().eval()
+    x = torch.randn(4, 8)
+    rec = Recorder()
+    compiled = torch.compile(model, backend=rec)
+    with torch.no_grad():
+        compiled(x)
+        before = rec.folded.code
+        model.b.bias.copy_(-model.a.bias)  # the folded bias is now exactly zero: no bias input
+        assert close(model(x), compiled(x))
+    assert rec.folded.code != before
+
+
+def test_guard_cost_is_small_and_the_guard_is_exact():
+    model = small_vit()
+    x = model.example_input(2)
+    rec = Recorder()
+    with torch.no_grad():
+        torch.compile(model, backend=rec)(x)
+    folded = rec.folded
+    args = [None] * (max(i for i, *_ in folded.watch) + 1)
+    for i, tensor, *_ in folded.watch:
+        args[i] = tensor
+    assert folded.fresh(args)
+    first = folded.watch[0][0]
+    args[first] = args[first].detach().clone()
+    assert not folded.fresh(args)
+
+
+# ---------------------------------------------------------------------------------------------
+# training and grad mode
+
+
+def test_training_mode_outputs_and_gradients_equal_eager():
+    entry = ZOO["repvgg"]
+    model = entry.build().train()
+    reference = entry.build().train()
+    reference.load_state_dict(model.state_dict())
+    (x,) = entry.example_input(model, 2)
+    rec = Recorder()
+    out = torch.compile(model, backend=rec)(x)
+    ref = reference(x)
+    out.square().sum().backward()
+    ref.square().sum().backward()
+    assert torch.equal(out, ref)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert torch.equal(p.grad, q.grad), name
+    for b, c in zip(model.buffers(), reference.buffers()):  # running statistics updated the same way
+        assert torch.equal(b, c)
+    assert not any(isinstance(c, FoldedGraph) for c in rec.compiled)
+
+
+def test_eval_model_with_grad_enabled_is_not_folded():
+    model = small_vit()
+    x = model.example_input(2)
+    rec = Recorder()
+    out = torch.compile(model, backend=rec)(x)
+    out.sum().backward()
+    assert not any(isinstance(c, FoldedGraph) for c in rec.compiled)
+    assert all(p.grad is not None for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# dynamic shapes, options, registration
+
+
+def test_dynamic_shapes_fold_once_and_run_other_batch_sizes():
+    model = small_vit()
+    rec = Recorder()
+    compiled = torch.compile(model, backend=rec, dynamic=True)
+    with torch.no_grad():
+        for batch in (2, 5, 9):  # (a batch of 1 is specialized by dynamo: a new graph)
+            x = model.example_input(batch)
+            assert close(model(x), compiled(x)), batch
+    assert len(rec.compiled) == 1 and rec.folded.active
+
+
+def test_inner_backend_is_chosen_by_options_or_make_backend():
+    model = small_vit()
+    x = model.example_input(2)
+    with torch.no_grad():
+        out = torch.compile(model, backend="branchfold", options={"backend": "eager"})(x)
+        torch._dynamo.reset()
+        out2 = torch.compile(model, backend=make_backend("aot_eager"))(x)
+        ref = model(x)
+    assert close(ref, out) and close(ref, out2)
+
+
+def test_bad_inner_backend_is_one_readable_error():
+    with pytest.raises(InputError, match="unknown inner backend"):
+        branchfold_backend(None, [], options={"backend": "no-such-backend"})
+    with pytest.raises(InputError, match="Inductor only"):
+        branchfold_backend(None, [], options={"backend": "eager", "max_autotune": True})
+
+
+def test_entry_point_works_without_importing_branchfold():
+    code = textwrap.dedent(
+        """
+        import logging, sys, torch
+        from torch import nn
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        class M(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+            def forward(self, x):
+                return torch.relu(self.a(x) + self.b(x))
+        m = M().eval()
+        x = torch.randn(4, 8)
+        with torch.no_grad():
+            out = torch.compile(m, backend="branchfold", options={"backend": "eager"})(x)
+            assert torch.allclose(out, m(x), atol=1e-6)
+        print("imported", "branchfold" in sys.modules)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "folded 1 region(s)" in done.stderr
+    assert "imported True" in done.stdout
+
+
+def test_inductor_hand_off_folds_and_refolds():
+    model = small_vit()
+    x = model.example_input(2)
+    rec = Recorder(backend="inductor")
+    compiled = torch.compile(model, backend=rec)
+    with torch.no_grad():
+        assert close(model(x), compiled(x))
+        model.blocks[0].attn.v.branches[0].weight.add_(0.05)
+        assert close(model(x), compiled(x))
+    assert rec.folded.refolds == 1 and len(rec.compiled) == 1
