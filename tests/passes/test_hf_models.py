@@ -61,7 +61,7 @@ def test_hf_model_folds_exactly(name):
     build, size, expected, ops_before, ops_after = MODELS[name]
     torch.manual_seed(0)
     m, x = randomize(build()), img(size)
-    r = branchfold.fold_with_report(m, (x,))
+    r = branchfold.fold_with_report(m, (x,), horizontal="off")  # vertical folds only: Q/K/V fusion is tested apart
     rep = r.report
     assert rep.verified and rep.max_error <= 1e-5
     assert Counter(tuple(f.ops) for f in rep.folded) == expected
