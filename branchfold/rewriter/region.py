@@ -217,6 +217,8 @@ class _Walk:
     def _sum(self, op: Op) -> None:
         a, b = op.inputs
         ea, eb = self._operand(op, a), self._operand(op, b)
+        if ea is None and eb is None and a == b:  # ``x + x`` (export drops nn.Identity branches)
+            ea = eb = Expr(a, identity(), (), 0)
         # ``x + f(x)``: the bare operand is the identity map of the other's source.
         ea = ea or (Expr(a, identity(), (), 0) if eb is not None and eb.source == a else None)
         eb = eb or (Expr(b, identity(), (), 0) if ea is not None and ea.source == b else None)

@@ -123,3 +123,10 @@ def test_graph_output_ends_a_region():
     ops = [aff("a", "x", dense(1)), aff("b", "x", dense(2)), add("s", "a", "b"), aff("c", "s", dense(3))]
     w = find_regions(ops, ["s", "c"])
     assert [r.value for r in w.regions] == ["s"]
+
+
+def test_x_plus_x_is_twice_the_identity():
+    """export drops nn.Identity branches, leaving ``x + x`` beside a linear branch."""
+    ops = [add("xx", "x", "x"), aff("a", "x", dense(1)), add("s", "xx", "a"), opaque("r", "s")]
+    (r,) = find_regions(ops, ["r"]).regions
+    assert r.source == "x" and torch.allclose(r.map.weight, dense(1).weight + 2 * torch.eye(4, dtype=F64))
