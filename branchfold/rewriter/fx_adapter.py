@@ -34,14 +34,38 @@ def uses_aten(graph: fx.Graph) -> bool:
 
 
 def graph_ops(ctx: FxContext) -> tuple[list[Op], set[fx.Node]]:
-    ops, outputs = [], set()
+    ops, outputs, taken = [], set(), set()
     for node in ctx.gm.graph.nodes:
         if node.op == "output":
             outputs.update(node.all_input_nodes)
+        elif node in taken:
+            continue
         elif node.op in ("call_function", "call_method", "call_module"):
-            ops.append(recognize(ctx, node))
+            op = recognize(ctx, node)
+            if op.kind != "opaque" and _returns_tuple(node):
+                op = _first_output(op, node, taken)
+            ops.append(op)
     _mark_shared(ctx, ops)
     return ops, outputs
+
+
+def _returns_tuple(node: fx.Node) -> bool:
+    if isinstance(node.target, torch._ops.OpOverload) and len(node.target._schema.returns) > 1:
+        return True
+    return isinstance(node.meta.get("val", node.meta.get("example_value")), (tuple, list))
+
+
+def _first_output(op: Op, node: fx.Node, taken: set[fx.Node]) -> Op:
+    """A tuple-returning op (decomposed ``_native_batch_norm_legit_no_training``) computes its map at
+    ``getitem(node, 0)``: that is the value a region may replace, never the tuple itself."""
+    import operator
+
+    firsts = [u for u in node.users if u.target is operator.getitem and u.args[1] == 0]
+    if len(firsts) != 1:
+        return Op(node, "opaque", op.inputs, node, label=op.label)
+    taken.add(firsts[0])
+    op.output = firsts[0]
+    return op
 
 
 def _stored_tensors(ctx: FxContext, node: fx.Node) -> set[str]:
