@@ -14,6 +14,9 @@ from torch import nn
 
 torch.manual_seed(0)
 ALL = pytest.mark.parametrize("dialect", DIALECTS)
+# run_decompositions() writes addmm / convolution / _native_batch_norm_legit_no_training (a tuple + getitem)
+WITH_DECOMPOSED = pytest.mark.parametrize("dialect", (*DIALECTS, "export-decomposed"))
+DECOMPOSED_GAP = "decomposed linear on a 3-d input is view→addmm→view: the views hide the sum (not yet folded)"
 
 
 class Parallel(nn.Module):
@@ -94,7 +97,7 @@ def conv_input(case: dict) -> torch.Tensor:
     return torch.randn(2, case["c"], *([7] * dim if dim < 3 else [5] * dim))
 
 
-@ALL
+@WITH_DECOMPOSED
 @pytest.mark.parametrize("case", sorted(CONV_CASES))
 def test_conv_branches_fold_to_one_conv(dialect, case):
     spec = CONV_CASES[case]
@@ -148,10 +151,12 @@ CHAINS = {  # name: (layers, input shape, {kind: count after})
 }  # fmt: skip
 
 
-@ALL
+@WITH_DECOMPOSED
 @pytest.mark.parametrize("name", sorted(CHAINS))
 def test_chains_fold(dialect, name):
     layers, shape, after = CHAINS[name]
+    if dialect == "export-decomposed" and "linear" in after and len(shape) > 2:
+        pytest.xfail(DECOMPOSED_GAP)
     m = randomize_bn(Chain(*layers())).eval()
     f = fold_in(dialect, m, (torch.randn(shape),))
     assert f.kinds == {"chain": 1}
