@@ -35,7 +35,7 @@ import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import guarding_hint_or_throw
 
-from branchfold.errors import InputError
+from branchfold.errors import BranchfoldError, InputError
 from branchfold.passes import verify
 from branchfold.passes.fx import FoldBranchesPass
 from branchfold.passes.pipeline import _bisect, _only
@@ -60,10 +60,16 @@ def branchfold_backend(
     constants = constant_inputs(gm, example_inputs)
     if torch.is_grad_enabled() or not constants:
         return compile_inner(gm, list(example_inputs))
-    folded = FoldedGraph(gm, list(example_inputs), constants, compile_inner, check, tolerance, by_value)
+    try:
+        folded = FoldedGraph(gm, list(example_inputs), constants, compile_inner, check, tolerance, by_value)
+    except BranchfoldError:
+        raise
+    except Exception as e:  # a bug in folding must not break the user's compile: run unfolded, say why
+        log.warning("branchfold: folding failed (%s: %s); compiling the graph unfolded", type(e).__name__, e)
+        return compile_inner(gm, list(example_inputs))
     if not folded.active:
         return compile_inner(gm, list(example_inputs))
-    return folded
+    return folded.compile(example_inputs)
 
 
 _LIVE: weakref.WeakSet[FoldedGraph] = weakref.WeakSet()
@@ -165,7 +171,12 @@ class FoldedGraph:
             _LIVE.add(self)
             log.info("branchfold: folded %d region(s) of a dynamo graph", len(fold.regions))
             self._install(fold, example_inputs)
-            self.compiled = compile_inner(fold.gm, list(example_inputs) + fold.tensors)
+            self.folded_gm = fold.gm
+
+    def compile(self, example_inputs: Sequence) -> FoldedGraph:
+        """Compile the folded graph with the inner backend; folded weights follow the example inputs."""
+        self.compiled = self.compile_inner(self.folded_gm, list(example_inputs) + self.tensors)
+        return self
 
     # -- the hot path ---------------------------------------------------------------------------------
 
@@ -243,7 +254,14 @@ class FoldedGraph:
         """
         self.refolds += 1
         live = [x if i in self.constants.values() else self.examples[i] for i, x in enumerate(args)]
-        fold = self._fold(live)
+        try:
+            fold = self._fold(live)
+        except Exception as e:  # never serve stale weights: the original graph reads the live ones
+            log.warning("branchfold: refolding failed (%s: %s); running the graph unfolded", type(e).__name__, e)
+            self.compiled, self.tensors, self.watch, self.snapshots = self.original, [], [], []
+            self.stale = False
+            return
+        self.folded_gm = fold.gm
         if fold.gm.code != self.code:
             if self.static:
                 log.warning("branchfold: the new weights change the folded graph; compiling it again")

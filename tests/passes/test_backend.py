@@ -334,3 +334,20 @@ def test_inductor_hand_off_folds_and_refolds():
         model.blocks[0].attn.v.branches[0].weight.add_(0.05)
         assert close(model(x), compiled(x))
     assert rec.folded.refolds == 1 and len(rec.compiled) == 1
+
+
+def test_a_failure_inside_folding_compiles_the_graph_unfolded(monkeypatch, caplog):
+    import branchfold.passes.backend as backend
+
+    def broken(self, gm):
+        raise RuntimeError("recognizer bug")
+
+    monkeypatch.setattr(backend.FoldBranchesPass, "call", broken)
+    model = small_vit()
+    x = model.example_input(2)
+    rec = Recorder()
+    with torch.no_grad():
+        out = torch.compile(model, backend=rec)(x)
+        assert close(model(x), out)
+    assert not any(isinstance(c, FoldedGraph) for c in rec.compiled)
+    assert "recognizer bug" in caplog.text
