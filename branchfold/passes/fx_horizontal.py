@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import operator
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 
 import torch
 from torch import fx
@@ -24,7 +23,15 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from branchfold.patterns import horizontal
 from branchfold.patterns.fx_ops import FxContext, recognize
-from branchfold.patterns.horizontal import DEFAULT_POLICY, Fused, HorizontalMode, Member, Policy
+from branchfold.patterns.horizontal import (
+    DEFAULT_POLICY,
+    Fused,
+    FusedGroup,
+    HorizontalMode,
+    HorizontalResult,
+    Member,
+    Policy,
+)
 from branchfold.rewriter.affine import Conv, Dense
 from branchfold.rewriter.fx_adapter import _Emitter, uses_aten
 from branchfold.rewriter.region import WalkResult
@@ -34,27 +41,6 @@ aten = torch.ops.aten
 _VIEW_FUNCS = {aten.view.default, aten._unsafe_view.default, torch.Tensor.view}
 _CONTIGUOUS_FUNCS = {aten.as_strided.default, aten.view.dtype, torch.as_strided, torch.Tensor.as_strided}
 _CONTIGUOUS_METHODS = {"as_strided", "data_ptr", "numpy", "storage", "untyped_storage", "set_", "resize_"}
-
-
-@dataclass
-class FusedGroup:
-    """One group of ops that read the same value: fused, or left alone by the ``auto`` policy."""
-
-    source: str
-    ops: list[str]
-    sizes: tuple[int, ...]
-    kind: str  # "dense" or "conv"
-    fused: bool
-    reason: str = ""
-
-
-@dataclass
-class HorizontalResult:
-    groups: list[FusedGroup] = field(default_factory=list)
-
-    @property
-    def fused(self) -> list[FusedGroup]:
-        return [g for g in self.groups if g.fused]
 
 
 class HorizontalFusionPass(PassBase):

@@ -13,14 +13,22 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 import torch
 
 from branchfold.patterns import horizontal
-from branchfold.patterns.horizontal import ONNX_POLICY, Fused, HorizontalMode, Member, Policy
+from branchfold.patterns.horizontal import (
+    ONNX_POLICY,
+    Fused,
+    FusedGroup,
+    HorizontalMode,
+    HorizontalResult,
+    Member,
+    Policy,
+)
 from branchfold.patterns.onnx_ops import OnnxContext, recognize
 from branchfold.rewriter.affine import Conv, Dense, Diagonal, Refusal, compose_maps
 from branchfold.rewriter.onnx_adapter import _Emitter
@@ -33,25 +41,6 @@ class _Site:
 
     first: ir.Node
     last: ir.Node
-
-
-@dataclass
-class OnnxFusedGroup:
-    source: str
-    ops: list[str]
-    sizes: tuple[int, ...]
-    kind: str
-    fused: bool
-    reason: str = ""
-
-
-@dataclass
-class OnnxHorizontalResult:
-    groups: list[OnnxFusedGroup] = field(default_factory=list)
-
-    @property
-    def fused(self) -> list[OnnxFusedGroup]:
-        return [g for g in self.groups if g.fused]
 
 
 class HorizontalFusionPass(ir.passes.InPlacePass):
@@ -69,10 +58,10 @@ class HorizontalFusionPass(ir.passes.InPlacePass):
         self.mode = horizontal.check_mode(mode)
         self.policy = policy
         self.infer_shapes = infer_shapes
-        self.result = OnnxHorizontalResult()
+        self.result = HorizontalResult()
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        self.result = OnnxHorizontalResult()
+        self.result = HorizontalResult()
         if self.mode == "off":
             return ir.passes.PassResult(model, False)
         if self.infer_shapes:
@@ -85,7 +74,7 @@ class HorizontalFusionPass(ir.passes.InPlacePass):
                 fused = horizontal.concat(group)
                 go = self.mode == "on" or horizontal.pays(fused, self.policy)
                 self.result.groups.append(
-                    OnnxFusedGroup(
+                    FusedGroup(
                         source.name or "", [m.key.first.name or m.key.first.op_type for m in group], fused.sizes,
                         "dense" if isinstance(fused.map, Dense) else "conv", go,
                         "" if go else "auto policy: measured not to pay for this size",

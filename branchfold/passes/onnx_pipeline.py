@@ -20,7 +20,9 @@ import torch
 from branchfold.errors import BranchfoldError, InputError
 from branchfold.passes import verify as checks
 from branchfold.passes.onnx import fold_passes
-from branchfold.passes.pipeline import FoldResult, _bisect
+from branchfold.passes.onnx_horizontal import HorizontalFusionPass
+from branchfold.passes.pipeline import FoldResult, _bisect, add_horizontal
+from branchfold.patterns.horizontal import HorizontalMode, check_mode
 from branchfold.report import FoldedRegion, FoldReport, Skipped, Totals
 from branchfold.rewriter.region import NotFolded, Region
 
@@ -37,9 +39,14 @@ def fold_onnx(
     seed: int = 0,
     random_checks: int = 2,
     progress: Progress | None = None,
-    **ignored,
+    horizontal: HorizontalMode = "auto",
 ) -> FoldResult:
-    """Fold an ONNX model; ``FoldResult.model`` is the same kind as ``model``, which is left as it was."""
+    """Fold an ONNX model; ``FoldResult.model`` is the same kind as ``model``, which is left as it was.
+
+    ``horizontal`` ("auto", "on", "off") fuses MatMul/Gemm/Conv siblings into one op + Split; "auto"
+    follows the measured ONNX policy.
+    """
+    check_mode(horizontal)
     say = progress or (lambda _msg: None)
     if isinstance(model, ir.Model):
         proto = ir.to_proto(model)
@@ -58,26 +65,35 @@ def fold_onnx(
         copy.CopyFrom(proto)
         return ir.from_proto(copy)
 
+    fuse_mode = horizontal
+
     def attempt(select: Callable[[Region], bool] | None):
         candidate = fresh()
         passes = fold_passes(select)
         passes(candidate)
-        return candidate, passes.passes[0].result
+        fuse = HorizontalFusionPass(fuse_mode, infer_shapes=False)
+        fuse(candidate)
+        return candidate, passes.passes[0].result, fuse.result
 
     say("folding")
-    folded, result = attempt(None)
+    folded, result, fused = attempt(None)
     undone: list[tuple[Region, str]] = []
     outcome = None
     if verify:
         say("verifying with onnxruntime")
         checker = _Checker(proto, seed, random_checks, tolerance)
         outcome = checker.check(folded)
+        if not outcome.ok and fused.fused:
+            say("undoing horizontal fusion")
+            fuse_mode = "off"  # a speed rewrite is the first thing to give up
+            folded, result, fused = attempt(None)
+            outcome = checker.check(folded)
         if not outcome.ok and result.regions:
             say("undoing regions that failed the check")
             names = result.names
             good = _bisect(names, lambda keep: checker.check(attempt(_only(keep))[0]).ok)
             undone = [(r, n) for r, n in zip(result.regions, names) if n not in good]
-            folded, result = attempt(_only(good))
+            folded, result, fused = attempt(_only(good))
             outcome = checker.check(folded)
     say("writing the report")
     folded_proto = ir.to_proto(folded)
@@ -91,6 +107,7 @@ def fold_onnx(
         Skipped(n, "failed-check", "folded result differed from the original; undone", list(r.labels))
         for r, n in undone
     ]
+    add_horizontal(report, fused)
     if outcome is not None:
         report.max_error, report.tolerance, report.verified = outcome.error, outcome.tolerance, outcome.ok
     return FoldResult(folded if as_ir else folded_proto, report)

@@ -16,6 +16,8 @@ from branchfold.errors import InputError
 from branchfold.passes import verify
 from branchfold.passes.capture import CaptureMethod, capture
 from branchfold.passes.fx import FoldBranchesPass, ShapePropPass, has_shapes
+from branchfold.passes.fx_horizontal import HorizontalFusionPass
+from branchfold.patterns.horizontal import HorizontalMode, HorizontalResult, check_mode
 from branchfold.report import FoldedRegion, FoldReport, Skipped, Totals
 from branchfold.rewriter.fx_adapter import FxFoldResult
 from branchfold.rewriter.region import NotFolded, Region
@@ -39,7 +41,10 @@ def fold_module(
     random_checks: int = 2,
     tolerance: float | None = None,
     seed: int = 0,
+    horizontal: HorizontalMode = "auto",
 ) -> FoldResult:
+    """Capture, fold, fuse Q/K/V-style siblings (``horizontal``: "auto", "on", "off"), check, report."""
+    check_mode(horizontal)
     if not isinstance(model, nn.Module):
         raise InputError(f"expected an nn.Module, got {type(model).__name__}")
     args, kwargs = tuple(args), dict(kwargs or {})
@@ -61,28 +66,39 @@ def fold_module(
         input_sets.append((tuple(verify.random_inputs(args, generator)), kwargs))
     ref_outputs = [_seeded_run(reference, a, k, seed) for a, k in input_sets] if verify_result else None
 
-    def attempt(select: Callable[[Region], bool] | None) -> tuple[fx.GraphModule, FxFoldResult]:
+    def attempt(
+        select: Callable[[Region], bool] | None, fuse_mode: HorizontalMode = horizontal
+    ) -> tuple[fx.GraphModule, FxFoldResult, HorizontalResult]:
         candidate = fx.GraphModule(gm, copy.deepcopy(pristine), class_name=type(gm).__name__)
         fold = FoldBranchesPass(select=select)
         fold.call(candidate)
-        return candidate, fold.result
+        fuse = HorizontalFusionPass(fuse_mode)
+        fuse.call(candidate)
+        return candidate, fold.result, fuse.result
 
     def check(candidate: fx.GraphModule) -> verify.Check:
         return verify.check(
             reference, lambda *a, **k: _seeded_call(candidate, a, k, seed), input_sets, tolerance, ref_outputs
         )
 
-    folded, result = attempt(None)
+    folded, result, fused = attempt(None)
     undone: list[Region] = []
     outcome = check(folded) if verify_result else None
+    if outcome is not None and not outcome.ok and fused.fused:
+        folded, result, fused = attempt(None, "off")  # a speed rewrite is the first thing to give up
+        outcome = check(folded)
     if outcome is not None and not outcome.ok and result.regions:
-        good = _bisect([r.value.name for r in result.regions], lambda names: check(attempt(_only(names))[0]).ok)
+        fuse_mode: HorizontalMode = "off" if fused.groups and not fused.fused else horizontal
+        good = _bisect(
+            [r.value.name for r in result.regions], lambda names: check(attempt(_only(names), fuse_mode)[0]).ok
+        )
         undone = [r for r in result.regions if r.value.name not in good]
-        folded, result = attempt(_only(good))
+        folded, result, fused = attempt(_only(good), fuse_mode)
         outcome = check(folded)
     final = fx.GraphModule(folded, folded.graph, class_name=type(gm).__name__)  # drops unused weights
     final.train(training)
     report = _report(gm, final, result, undone, args, kwargs, outcome, training)
+    add_horizontal(report, fused)
     if verify_result and _float_dtype(model) in LOW_PRECISION:
         _low_precision_errors(report, model, final, input_sets)
     if ref_outputs is not None:
@@ -218,6 +234,15 @@ def _name(key) -> str:
     if isinstance(key, fx.Node):
         return str(key.target) if key.op == "call_module" else key.name
     return str(key)
+
+
+def add_horizontal(report: FoldReport, result: HorizontalResult) -> None:
+    """Fused sibling groups as ``horizontal`` regions; groups the policy left alone as skipped."""
+    for g in result.groups:
+        if g.fused:
+            report.folded.append(FoldedRegion("horizontal", g.ops, g.source, 0, 0))
+        else:
+            report.not_folded.append(Skipped(g.source, "horizontal-policy", g.reason, g.ops))
 
 
 def region_report(r: Region) -> FoldedRegion:

@@ -13,7 +13,7 @@ fused op plus a split back in their own graph kind.
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -153,3 +153,24 @@ def check_mode(mode: str) -> HorizontalMode:
     if mode not in MODES:
         raise InputError(f"horizontal fusion mode must be one of {', '.join(MODES)}, got {mode!r}")
     return mode  # type: ignore[return-value]
+
+
+@dataclass
+class FusedGroup:
+    """One group of ops that read the same value: fused, or left alone by the ``auto`` policy."""
+
+    source: str
+    ops: list[str]
+    sizes: tuple[int, ...]
+    kind: str  # "dense" or "conv"
+    fused: bool
+    reason: str = ""
+
+
+@dataclass
+class HorizontalResult:
+    groups: list[FusedGroup] = field(default_factory=list)
+
+    @property
+    def fused(self) -> list[FusedGroup]:
+        return [g for g in self.groups if g.fused]

@@ -197,7 +197,7 @@ def test_composes_with_parallel_sum_fold_on_seed_vit():
     entry = ZOO["seed-vit"]
     model = entry.build().eval()
     x = entry.example_input(model, 2)
-    folded = branchfold.fold(model, x)
+    folded = branchfold.fold(model, x, horizontal="off")
     before = _linears(folded)
     p = HorizontalFusionPass("on")
     p.call(folded)
@@ -205,6 +205,22 @@ def test_composes_with_parallel_sum_fold_on_seed_vit():
     assert len(p.result.fused) == layers  # K-branch Q, K, V → one Q, K, V → one QKV per layer
     assert _linears(folded) == before - 2 * layers
     _close(folded(*x), model(*x))
+
+
+def test_fold_fuses_qkv_by_default_and_reports_it():
+    import branchfold
+    from branchfold.zoo import ZOO
+
+    entry = ZOO["seed-vit"]
+    model = entry.build().eval()
+    x = entry.example_input(model, 2)
+    on = branchfold.fold_with_report(model, x)
+    off = branchfold.fold_with_report(model, x, horizontal="off")
+    layers = len(model.blocks)
+    assert on.report.counts_by_kind() == {"parallel-sum": 6 * layers, "horizontal": layers}
+    assert "horizontal" not in off.report.counts_by_kind()
+    assert _linears(on.model) == _linears(off.model) - 2 * layers
+    _close(on.model(*x), model(*x))
 
 
 def test_hugging_face_vit_gets_one_qkv_gemm_per_layer():
