@@ -285,5 +285,8 @@ def test_random_conv_branch_graphs(make_onnx, branches, identity, stride, opset)
     proto = make_onnx(nodes, [("x", ["N", c, 7, 7])], [("y", None)], inits, opset=opset)
     folded, result = fold(proto)
     check_same(proto, folded, {"x": (2, c, 7, 7)}, tol=1e-5)
-    if not any(b["pre1x1"] and b["k"] > 1 for b in branches):  # 1x1 bias before a padded KxK may refuse
+    border = any(b["pre1x1"] and b["k"] > 1 for b in branches)  # 1x1 bias before a padded KxK may refuse
+    # Mixed group counts fold to the common (smaller) group count, which the cost rule may refuse.
+    mixed_groups = len({b["groups"] for b in branches}) > 1
+    if not border and not mixed_groups:
         assert counts(folded)["Conv"] == 1
