@@ -251,7 +251,7 @@ for _nd in (1, 2, 3):
 UNARY[aten.convolution.default] = (_conv, _ATEN_CONVOLUTION, "conv")
 UNARY[torch.avg_pool1d] = (_avg_pool, _POOL, "avg_pool")
 
-_LAYER_NORM = {F.layer_norm, aten.layer_norm.default}
+_LAYER_NORM = {F.layer_norm, aten.layer_norm.default, aten.native_layer_norm.default}  # native: a tuple
 
 ADD = {operator.add, torch.add, aten.add.Tensor, operator.iadd, "add", "add_"}
 SUB = {operator.sub, torch.sub, aten.sub.Tensor, operator.isub, "sub", "sub_"}
