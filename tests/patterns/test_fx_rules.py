@@ -16,7 +16,6 @@ torch.manual_seed(0)
 ALL = pytest.mark.parametrize("dialect", DIALECTS)
 # run_decompositions() writes addmm / convolution / _native_batch_norm_legit_no_training (a tuple + getitem)
 WITH_DECOMPOSED = pytest.mark.parametrize("dialect", (*DIALECTS, "export-decomposed"))
-DECOMPOSED_GAP = "decomposed linear on a 3-d input is view→addmm→view: the views hide the sum (not yet folded)"
 
 
 class Parallel(nn.Module):
@@ -42,7 +41,7 @@ class Parallel(nn.Module):
         return torch.nn.functional.gelu(y)
 
 
-@ALL
+@WITH_DECOMPOSED
 @pytest.mark.parametrize("k,bias,spelling", [(2, True, "+"), (3, False, "torch.add"), (5, True, "sum")])
 def test_parallel_linears_fold_to_one(dialect, k, bias, spelling):
     m = Parallel(k, bias, spelling).eval()
@@ -155,8 +154,6 @@ CHAINS = {  # name: (layers, input shape, {kind: count after})
 @pytest.mark.parametrize("name", sorted(CHAINS))
 def test_chains_fold(dialect, name):
     layers, shape, after = CHAINS[name]
-    if dialect == "export-decomposed" and "linear" in after and len(shape) > 2:
-        pytest.xfail(DECOMPOSED_GAP)
     m = randomize_bn(Chain(*layers())).eval()
     f = fold_in(dialect, m, (torch.randn(shape),))
     assert f.kinds == {"chain": 1}
@@ -184,7 +181,7 @@ class LNQKV(nn.Module):
         return (att @ v).reshape(b, n, c)
 
 
-@ALL
+@WITH_DECOMPOSED
 def test_layer_norm_affine_folds_into_every_consumer(dialect):
     f = fold_in(dialect, LNQKV().eval(), (torch.randn(2, 5, 8),))
     assert f.kinds == {"chain": 3}
