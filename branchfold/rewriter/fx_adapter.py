@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from branchfold.patterns.fx_ops import FxContext, dtype_of, recognize, shape_of
-from branchfold.rewriter.affine import Conv, Dense, Diagonal, cast_tensor
+from branchfold.rewriter.affine import Conv, Dense, Diagonal, cast_tensor, out_channels
 from branchfold.rewriter.region import NotFolded, Op, Region, SplitSource, WalkResult, find_regions
 
 aten = torch.ops.aten
@@ -44,8 +44,8 @@ def graph_ops(ctx: FxContext) -> tuple[list[Op], set[fx.Node]]:
             op = recognize(ctx, node)
             if op.kind != "opaque" and _returns_tuple(node):
                 op = _first_output(op, node, taken)
-            if op.kind == "affine" and node.target in (aten.addmm.default, aten.mm.default):
-                op = _through_views(op, node, taken)
+            if op.kind == "affine" and not op.split:
+                op = _through_views(op, taken)
             ops.append(op)
     ops = [op for op in ops if op.key not in taken]  # an inner view is seen before the linear takes it
     _mark_shared(ctx, ops)
@@ -53,26 +53,32 @@ def graph_ops(ctx: FxContext) -> tuple[list[Op], set[fx.Node]]:
 
 
 _VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+_FLATTENS = _VIEWS | {aten.flatten.using_ints}
+_UNFLATTENS = _VIEWS | {aten.reshape_as.default, aten.view_as.default}
 
 
-def _through_views(op: Op, node: fx.Node, taken: set[fx.Node]) -> Op:
-    """Decomposed export writes a linear on ``x`` of rank > 2 as ``view(addmm(b, view(x, [-1, in]), Wt),
-    x.shape[:-1] + [out])``. Read that as one dense map from ``x`` to the outer view, so that branches
-    (each with its own views) share their source again; the region's linear writes the shape back."""
+def _through_views(op: Op, taken: set[fx.Node]) -> Op:
+    """A last-axis map between a flatten of the leading dims and the reshape back, read as one map of
+    the unflattened ``x``: decomposed export writes a linear on a 3-d ``x`` as ``view(addmm(b, view(x,
+    [-1, in]), Wt), [..., out])`` and LeViT writes ``bn(y.flatten(0, 1)).reshape_as(y)``. The map acts on
+    the last axis, so it commutes with the reshapes; branches share their source again, and the
+    region's new op writes the original shape back."""
     (inner,) = op.inputs
-    users = list(node.users)
-    if not (isinstance(inner, fx.Node) and inner.target in _VIEWS and len(users) == 1 and users[0].target in _VIEWS):
+    users = list(op.output.users)
+    if op.map.axis not in (-1, None) or not isinstance(inner, fx.Node) or inner.target not in _FLATTENS:
+        return op
+    if len(users) != 1 or users[0].target not in _UNFLATTENS or users[0].args[0] is not op.output:
         return op
     x, outer = inner.args[0], users[0]
     xs, ins, outs = shape_of(x), shape_of(inner), shape_of(outer)
     if None in (xs, ins, outs) or None in xs or len(xs) < 3 or len(ins) != 2 or ins[1] != xs[-1]:
         return op
-    if tuple(outs) != tuple(xs[:-1]) + (op.map.out_features,):
+    if tuple(outs) != tuple(xs[:-1]) + (out_channels(op.map) or xs[-1],):
         return op
     if len(inner.users) == 1:
         taken.add(inner)  # only the linear reads it: it dies with the linear
     taken.add(outer)
-    return Op(node, "affine", (x,), outer, op.map, label=op.label)
+    return Op(op.key, "affine", (x,), outer, op.map, label=op.label)
 
 
 def _returns_tuple(node: fx.Node) -> bool:
