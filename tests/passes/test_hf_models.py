@@ -40,7 +40,7 @@ MODELS = {  # name: (build, input size, {op-label tuple: regions}, ops before, o
     "levit": (lambda: T.LevitModel(T.LevitConfig(image_size=64, hidden_sizes=[32, 48, 64], num_attention_heads=[1, 2, 2],
                                                  depths=[1, 1, 1], key_dim=[8, 8, 8], patch_size=16,
                                                  down_ops=[["Subsample", 8, 1, 4, 2, 2], ["Subsample", 8, 2, 4, 2, 2]])),
-              64, {("conv", "batch_norm"): 4}, 200, 196),
+              64, {("linear", "batch_norm"): 22, ("conv", "batch_norm"): 4}, 200, 130),
     "resnet": (lambda: T.ResNetModel(T.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1],
                                                     layer_type="bottleneck")), 32, {("conv", "batch_norm"): 8}, 27, 19),
     "convnext": (lambda: T.ConvNextModel(T.ConvNextConfig(hidden_sizes=[16, 32], depths=[1, 1], num_stages=2,

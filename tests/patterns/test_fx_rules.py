@@ -252,3 +252,21 @@ def test_seed_vit_has_no_more_linears_than_plain_vit(dialect):
         xs = fresh(x)
         out = f.run(*xs)
         assert rel_err(plain(*xs), out[0] if isinstance(out, tuple) else out) <= 1e-5
+
+
+class LinearFlatBN(nn.Module):
+    """LeViT's MLPLayerWithBN: ``bn(linear(x).flatten(0, 1)).reshape_as(linear(x))``."""
+
+    def __init__(self, d: int = 6) -> None:
+        super().__init__()
+        self.linear, self.bn = nn.Linear(d, d, bias=False), nn.BatchNorm1d(d)
+
+    def forward(self, x):
+        y = self.linear(x)
+        return torch.tanh(self.bn(y.flatten(0, 1)).reshape_as(y))
+
+
+@pytest.mark.parametrize("dialect", ["export", "export-decomposed"])
+def test_linear_then_bn_through_a_flatten_folds(dialect):
+    f = fold_in(dialect, randomize_bn(LinearFlatBN()).eval(), (torch.randn(2, 5, 6),))
+    assert f.kinds == {"chain": 1} and f.count("bn") == 0 and f.ops_after == 2
