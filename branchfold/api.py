@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,32 +14,46 @@ def fold_with_report(model: Any, args: Sequence = (), kwargs: dict | None = None
     """Fold ``model`` and return ``FoldResult(model, report)``.
 
     ``model`` is an ``nn.Module`` (captured with torch.export by default, ``capture="symbolic_trace"``
-    for the other way) or an already traced ``torch.fx.GraphModule``. ``args``/``kwargs`` are example
-    inputs: the result is checked against the original on them and on random inputs of the same shapes.
-    Options: ``capture``, ``verify`` (default True), ``random_checks``, ``tolerance``, ``seed``.
+    for the other way), an already traced ``torch.fx.GraphModule``, a ``torch.export.ExportedProgram``,
+    or an ``onnx.ModelProto`` / ``onnx_ir.Model``; the result is of the same kind. ``args``/``kwargs``
+    are example inputs (ONNX models need none): the result is checked against the original on them and
+    on random inputs of the same shapes. Options: ``verify`` (default True), ``tolerance``,
+    ``random_checks``, ``seed``; for modules also ``capture`` and ``horizontal`` ("auto", "on", "off");
+    for ONNX ``horizontal`` and ``progress``.
     """
     import torch
 
     if _is_onnx(model):
         from branchfold.passes.onnx_pipeline import fold_onnx
 
-        return fold_onnx(model, **options)
+        if args or kwargs:
+            raise InputError("an ONNX model takes no example inputs: its declared input shapes are used")
+        return fold_onnx(model, **_checked(fold_onnx, options, "an ONNX model"))
     if isinstance(model, torch.export.ExportedProgram):
         from branchfold.passes.export_pipeline import fold_exported_program
 
-        return fold_exported_program(model, args, kwargs, **options)
-    if isinstance(model, torch.nn.Module):
-        return fold_module(
-            model,
-            args,
-            kwargs,
-            capture_method=options.pop("capture", "export"),
-            verify_result=options.pop("verify", True),
-            **options,
+        return fold_exported_program(
+            model, args, kwargs, **_checked(fold_exported_program, options, "an ExportedProgram")
         )
+    if isinstance(model, torch.nn.Module):
+        renamed = {"capture": "capture_method", "verify": "verify_result"}
+        options = {renamed.get(k, k): v for k, v in options.items()}
+        return fold_module(model, args, kwargs, **_checked(fold_module, options, "a torch module", renamed))
     raise InputError(
-        f"branchfold cannot fold a {type(model).__name__}: pass a torch.nn.Module or torch.fx.GraphModule"
+        f"branchfold cannot fold a {type(model).__name__}: pass a torch.nn.Module, torch.fx.GraphModule, "
+        "torch.export.ExportedProgram, onnx.ModelProto or onnx_ir.Model"
     )
+
+
+def _checked(fn, options: dict, what: str, renamed: dict[str, str] | None = None) -> dict:
+    """The options ``fn`` takes, or one clear error naming those it does not (a typo must not pass silently)."""
+    public = {v: k for k, v in (renamed or {}).items()}
+    accepted = [p for p in inspect.signature(fn).parameters if p not in ("model", "ep", "args", "kwargs")]
+    unknown = [public.get(k, k) for k in options if k not in accepted]
+    if unknown:
+        known = ", ".join(public.get(p, p) for p in accepted)
+        raise InputError(f"unknown option(s) {', '.join(unknown)} for {what}; known options: {known}")
+    return options
 
 
 def fold(model: Any, args: Sequence = (), kwargs: dict | None = None, **options) -> Any:

@@ -30,6 +30,10 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--tolerance", type=float, default=None, help="largest relative error accepted")
     f.add_argument("--seed", type=int, default=0, help="seed of the random check inputs")
     f.add_argument("--progress", choices=("auto", "always", "never"), default="auto")
+    f.add_argument(
+        "--horizontal", choices=("auto", "on", "off"), default="auto",
+        help="fuse MatMul/Gemm/Conv siblings into one op + Split: auto (where measured faster), on, off",
+    )  # fmt: skip
     d = sub.add_parser("demo", help="run the demo (remaining arguments go to it)", add_help=False)
     d.add_argument("rest", nargs=argparse.REMAINDER)
     return p
@@ -68,7 +72,10 @@ def _fold(args: argparse.Namespace) -> int:
         model = onnx_io.load_model(src)
         if args.progress == "auto" and len(model.graph.node) >= LARGE_MODEL_NODES:
             say.show()
-        result = fold_onnx(model, verify=not args.no_verify, tolerance=args.tolerance, seed=args.seed, progress=say)
+        result = fold_onnx(
+            model, verify=not args.no_verify, tolerance=args.tolerance, seed=args.seed, progress=say,
+            horizontal=args.horizontal,
+        )  # fmt: skip
         if result.report.max_error is not None and not result.report.verified:
             raise BranchfoldError(
                 f"the folded model differs from the original (error {result.report.max_error:.2e}); nothing written"

@@ -133,3 +133,19 @@ def test_python_dash_m_entry_point(model_file, tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["verified"] is True
+
+
+def test_horizontal_switch_forces_sibling_fusion(tmp_path, make_onnx, capsys):
+    nodes = [helper.make_node("MatMul", ["x", "wq"], ["q"]), helper.make_node("MatMul", ["x", "wk"], ["k"]),
+             helper.make_node("Mul", ["q", "k"], ["y"])]  # fmt: skip
+    inits = {n: R.standard_normal((16, 16)).astype(np.float32) for n in ("wq", "wk")}
+    src = tmp_path / "qk.onnx"
+    onnx.save(make_onnx(nodes, [("x", ["N", 16])], [("y", ["N", 16])], inits), src)
+    assert run("fold", src, "-o", tmp_path / "off.onnx", "--horizontal", "off") == 0
+    assert run("fold", src, "-o", tmp_path / "on.onnx", "--horizontal", "on") == 0
+    ops = {m: [n.op_type for n in onnx.load(tmp_path / f"{m}.onnx").graph.node] for m in ("off", "on")}
+    assert ops["off"].count("MatMul") + ops["off"].count("Gemm") == 2
+    assert ops["on"].count("MatMul") + ops["on"].count("Gemm") == 1 and "Split" in ops["on"]
+    with pytest.raises(SystemExit) as bad:  # argparse's own usage error
+        run("fold", src, "-o", tmp_path / "x.onnx", "--horizontal", "sideways")
+    assert bad.value.code == 2 and not (tmp_path / "x.onnx").exists()
