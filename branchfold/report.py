@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
+from branchfold.rewriter.region import NotFolded, Region
+
 
 @dataclass
 class FoldedRegion:
@@ -62,3 +64,12 @@ class FoldReport:
 
     def __str__(self) -> str:
         return self.render()
+
+
+def region_report(r: Region, at: str) -> FoldedRegion:
+    """A walk's region as the report shows it (``at``: the frontend's name for the region's value)."""
+    return FoldedRegion(r.kind, list(r.labels), at, r.cost_before, r.cost_after)
+
+
+def skipped_report(n: NotFolded, at: str) -> Skipped:
+    return Skipped(at, n.category, n.detail, list(n.labels))

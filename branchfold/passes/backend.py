@@ -38,7 +38,7 @@ from torch.fx.experimental.symbolic_shapes import guarding_hint_or_throw
 from branchfold.errors import BranchfoldError, InputError
 from branchfold.passes import verify
 from branchfold.passes.fx import FoldBranchesPass
-from branchfold.passes.pipeline import _bisect, _only
+from branchfold.passes.undo import bisect_passing, only
 from branchfold.rewriter.region import Region
 
 log = logging.getLogger(__name__)
@@ -215,10 +215,10 @@ class FoldedGraph:
         if not self.check or not fold.regions or self._agrees(fold, inputs):
             return fold
         names = [r.value.name for r in fold.regions]
-        good = _bisect(names, lambda keep: self._agrees(attempt(_only(keep)), inputs))
-        fold = attempt(_only(good))
+        good = bisect_passing(names, lambda keep: self._agrees(attempt(only(keep)), inputs))
+        fold = attempt(only(good))
         if fold.regions and not self._agrees(fold, inputs):  # each part passed, together they do not
-            good, fold = [], attempt(_only([]))
+            good, fold = [], attempt(only([]))
         log.warning("branchfold: %d of %d folds differed from the original and were undone", len(names) - len(good), len(names))
         return fold
 

@@ -26,7 +26,8 @@ from branchfold.errors import InputError
 from branchfold.passes import verify as verification
 from branchfold.passes.backend import lift_folded_weights
 from branchfold.passes.fx import FoldBranchesPass
-from branchfold.passes.pipeline import FoldResult, _bisect, _only, _report, _seeded_run
+from branchfold.passes.pipeline import FoldResult, _report, _seeded_run
+from branchfold.passes.undo import bisect_passing, only
 from branchfold.rewriter.fx_adapter import FxFoldResult
 from branchfold.rewriter.region import Region
 
@@ -73,9 +74,9 @@ def fold_exported_program(
     undone: list[Region] = []
     outcome = check(folded) if verify else None
     if outcome is not None and not outcome.ok and result.regions:
-        good = _bisect([r.value.name for r in result.regions], lambda names: check(attempt(_only(names))[0]).ok)
+        good = bisect_passing([r.value.name for r in result.regions], lambda names: check(attempt(only(names))[0]).ok)
         undone = [r for r in result.regions if r.value.name not in good]
-        folded, result = attempt(_only(good))
+        folded, result = attempt(only(good))
         outcome = check(folded)
     report = _report(reference, folded.module(), result, undone, args, kwargs, outcome, False)
     return FoldResult(folded, report)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import numpy as np
 import onnx
@@ -21,10 +21,11 @@ from branchfold.errors import BranchfoldError, InputError
 from branchfold.passes import verify as checks
 from branchfold.passes.onnx import fold_passes
 from branchfold.passes.onnx_horizontal import HorizontalFusionPass
-from branchfold.passes.pipeline import FoldResult, _bisect, add_horizontal
+from branchfold.passes.pipeline import FoldResult, add_horizontal
+from branchfold.passes.undo import bisect_passing, only
 from branchfold.patterns.horizontal import HorizontalMode, check_mode
-from branchfold.report import FoldedRegion, FoldReport, Skipped, Totals
-from branchfold.rewriter.region import NotFolded, Region
+from branchfold.report import FoldReport, Skipped, Totals, region_report, skipped_report
+from branchfold.rewriter.region import Region
 
 Progress = Callable[[str], None]
 KNOWN_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "ai.onnx.preview.training"}
@@ -91,15 +92,15 @@ def fold_onnx(
         if not outcome.ok and result.regions:
             say("undoing regions that failed the check")
             names = result.names
-            good = _bisect(names, lambda keep: checker.check(attempt(_only(keep))[0]).ok)
+            good = bisect_passing(names, lambda keep: checker.check(attempt(only(keep))[0]).ok)
             undone = [(r, n) for r, n in zip(result.regions, names) if n not in good]
-            folded, result, fused = attempt(_only(good))
+            folded, result, fused = attempt(only(good))
             outcome = checker.check(folded)
     say("writing the report")
     folded_proto = ir.to_proto(folded)
     report = FoldReport(
-        folded=[_region_report(r, n) for r, n in zip(result.regions, result.names)],
-        not_folded=[_skipped_report(n) for n in result.not_folded],
+        folded=[region_report(r, n) for r, n in zip(result.regions, result.names)],
+        not_folded=[skipped_report(n, _where(n.where)) for n in result.not_folded],
         before=totals(proto),
         after=totals(folded_proto),
     )
@@ -117,19 +118,6 @@ def _where(key) -> str:
     if isinstance(key, ir.Node):
         return key.name or (key.outputs[0].name if key.outputs else key.op_type) or key.op_type
     return getattr(key, "name", None) or str(key)
-
-
-def _region_report(r: Region, name: str) -> FoldedRegion:
-    return FoldedRegion(r.kind, list(r.labels), name, r.cost_before, r.cost_after)
-
-
-def _skipped_report(n: NotFolded) -> Skipped:
-    return Skipped(_where(n.where), n.category, n.detail, list(n.labels))
-
-
-def _only(names: Sequence[str]) -> Callable[[Region], bool]:
-    keep = set(names)
-    return lambda r: r.value.name in keep
 
 
 def _large(proto: onnx.ModelProto) -> bool:

@@ -17,10 +17,11 @@ from branchfold.passes import verify
 from branchfold.passes.capture import CaptureMethod, capture
 from branchfold.passes.fx import FoldBranchesPass, ShapePropPass, has_shapes
 from branchfold.passes.fx_horizontal import HorizontalFusionPass
+from branchfold.passes.undo import bisect_passing, only
 from branchfold.patterns.horizontal import HorizontalMode, HorizontalResult, check_mode
-from branchfold.report import FoldedRegion, FoldReport, Skipped, Totals
+from branchfold.report import FoldedRegion, FoldReport, Skipped, Totals, region_report, skipped_report
 from branchfold.rewriter.fx_adapter import FxFoldResult
-from branchfold.rewriter.region import NotFolded, Region
+from branchfold.rewriter.region import Region
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -89,11 +90,11 @@ def fold_module(
         outcome = check(folded)
     if outcome is not None and not outcome.ok and result.regions:
         fuse_mode: HorizontalMode = "off" if fused.groups and not fused.fused else horizontal
-        good = _bisect(
-            [r.value.name for r in result.regions], lambda names: check(attempt(_only(names), fuse_mode)[0]).ok
+        good = bisect_passing(
+            [r.value.name for r in result.regions], lambda names: check(attempt(only(names), fuse_mode)[0]).ok
         )
         undone = [r for r in result.regions if r.value.name not in good]
-        folded, result, fused = attempt(_only(good), fuse_mode)
+        folded, result, fused = attempt(only(good), fuse_mode)
         outcome = check(folded)
     final = fx.GraphModule(folded, folded.graph, class_name=type(gm).__name__)  # drops unused weights
     final.train(training)
@@ -126,21 +127,6 @@ def _keep_output_structure(gm: fx.GraphModule, reference, got) -> nn.Module:
     if spec == got_spec or spec.num_leaves != got_spec.num_leaves:
         return gm
     return OutputStructure(gm, spec)
-
-
-def _only(names: Sequence[str]) -> Callable[[Region], bool]:
-    keep = set(names)
-    return lambda r: r.value.name in keep
-
-
-def _bisect(items: list[str], ok: Callable[[list[str]], bool]) -> list[str]:
-    """The items that pass ``ok`` on their own, found by halving (failures are rare and few)."""
-    if not items or ok(items):
-        return items
-    if len(items) == 1:
-        return []
-    mid = len(items) // 2
-    return _bisect(items[:mid], ok) + _bisect(items[mid:], ok)
 
 
 def _flat_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list:
@@ -245,18 +231,10 @@ def add_horizontal(report: FoldReport, result: HorizontalResult) -> None:
             report.not_folded.append(Skipped(g.source, "horizontal-policy", g.reason, g.ops))
 
 
-def region_report(r: Region) -> FoldedRegion:
-    return FoldedRegion(r.kind, list(r.labels), _name(r.value), r.cost_before, r.cost_after)
-
-
-def skipped_report(n: NotFolded) -> Skipped:
-    return Skipped(_name(n.where), n.category, n.detail, list(n.labels))
-
-
 def _report(gm, final, result, undone, args, kwargs, outcome, training) -> FoldReport:
     report = FoldReport(
-        folded=[region_report(r) for r in result.regions],
-        not_folded=[skipped_report(n) for n in result.not_folded],
+        folded=[region_report(r, _name(r.value)) for r in result.regions],
+        not_folded=[skipped_report(n, _name(n.where)) for n in result.not_folded],
         before=Totals(count_ops(gm), count_params(gm), _safe_macs(gm, args, kwargs)),
         after=Totals(count_ops(final), count_params(final), _safe_macs(final, args, kwargs)),
     )
