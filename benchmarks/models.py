@@ -93,9 +93,9 @@ def cases(quick: bool = False) -> list[Case]:
         _zoo("mobileone"),
         _zoo("dbb"),
         Case("hf-vit", "transformers ViTModel, 3 layers, width 192, 32x32 images (random weights)",
-             partial(_hf, "vit"), _images(32), None),
+             partial(_hf, "vit"), _images(32), None, inductor=False),
         Case("hf-resnet", "transformers ResNetModel, widths 32-256, one block per stage (random weights)",
              partial(_hf, "resnet"), _images(64), None),
         Case("hf-convnext", "transformers ConvNextModel, widths 32-256, depths 1-1-2-1 (random weights)",
-             partial(_hf, "convnext"), _images(64), None),
+             partial(_hf, "convnext"), _images(64), None, inductor=False),
     ]

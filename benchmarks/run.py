@@ -48,10 +48,14 @@ def main(argv: Sequence[str] | None = None, log: Callable[[str], None] | None = 
     parser.add_argument("--threads", type=int, default=1, help="torch and onnxruntime intra-op threads")
     parser.add_argument("--only", choices=["deploy", "pass", "others"], action="append",
                         help="run only these parts (repeatable); default: all")
+    parser.add_argument("--rerender", action="store_true",
+                        help="measure nothing: rewrite the markdown and chart from the results.json next to --out")
     args = parser.parse_args(argv)
     say = log or (lambda s: print(s, file=sys.stderr, flush=True))
     if args.threads < 1:
         parser.error("--threads must be >= 1")
+    if args.rerender:
+        return rerender(args.out, say)
     torch.set_num_threads(args.threads)
     parts = set(args.only or ["deploy", "pass", "others"])
 
@@ -81,12 +85,33 @@ def main(argv: Sequence[str] | None = None, log: Callable[[str], None] | None = 
         f"![results]({png.name})",
     ]
     env = environment(args.threads)
+    title = f"branchfold benchmarks, {stamp}, {env['cpu']}, {args.threads} thread(s)"
+    raw = {"environment": env, "rows": rows, "others": {t: list(v) for t, v in others.items()},
+           "header": header, "title": title}
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(markdown.render(rows, env, others, header))
-    chart.draw(rows, png, f"branchfold benchmarks, {stamp}, {env['cpu']}, {args.threads} thread(s)")
-    raw = {"environment": env, "rows": rows, "others": {t: r for t, (_, r) in others.items()}}
     out.with_name("results.json").write_text(json.dumps(raw, indent=1, default=str))
+    write(out, raw)
     say(f"wrote {out}, {png} and {out.with_name('results.json')} in {minutes:.1f} min")
+    return 0
+
+
+def write(out: Path, raw: dict) -> None:
+    """RESULTS.md and the chart from the raw results (a fresh run's, or a stored results.json)."""
+    others = {t: tuple(v) for t, v in raw["others"].items()}
+    out.write_text(markdown.render(raw["rows"], raw["environment"], others, raw["header"]))
+    chart.draw(raw["rows"], out.with_name("results.png"), raw["title"])
+
+
+def rerender(out: Path, say: Callable[[str], None]) -> int:
+    """Rewrite RESULTS.md and the chart from stored figures: a change of layout never needs a re-run."""
+    source = out.with_name("results.json")
+    try:
+        raw = json.loads(source.read_text())
+    except (OSError, ValueError) as e:
+        say(f"cannot rerender: {source} is missing or not JSON ({e}); run without --rerender first")
+        return 2
+    write(out, raw)
+    say(f"rewrote {out} and {out.with_name('results.png')} from {source}")
     return 0
 
 

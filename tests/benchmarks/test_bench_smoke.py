@@ -53,7 +53,8 @@ def test_deploy_rows_are_well_formed(quick):
     assert {r["backend"] for r in deploy} == {"eager", "onnxruntime"}
     eager = next(r for r in deploy if r["backend"] == "eager")
     assert eager["note"] == ""
-    for key in ("original_ms", "folded_ms", "limit_ms", "folded_over_limit", "folded_over_original"):
+    for key in ("original_ms", "captured_ms", "folded_ms", "limit_ms", "folded_over_limit",
+                "folded_over_original", "folded_over_captured"):
         assert _finite_positive(eager[key]), key
     assert eager["folded_over_limit"] == pytest.approx(eager["folded_ms"] / eager["limit_ms"])
     assert isinstance(eager["goal_met"], bool)
@@ -116,3 +117,13 @@ def test_interleaved_fresh_prepares_untimed_input_every_round():
     assert seen == made == [0, 1, 2, 3]  # every run got its own fresh input
     assert set(result) == {"x", "y"}
     assert ratio(None, 1.0) is None and ratio(2.0, 4.0) == 0.5
+
+
+def test_rerender_rewrites_the_same_tables_from_json(quick, tmp_path):
+    out, _ = quick
+    copy = tmp_path / "RESULTS.md"
+    copy.write_text("stale")
+    (tmp_path / "results.json").write_text(out.with_name("results.json").read_text())
+    assert run.main(["--rerender", "--out", str(copy)], log=lambda s: None) == 0
+    assert copy.read_text() == out.read_text()
+    assert run.main(["--rerender", "--out", str(tmp_path / "none" / "R.md")], log=lambda s: None) == 2
