@@ -5,11 +5,11 @@ The walk gives every value an expression "affine map M of source s" and returns 
 region ends (used by something that cannot absorb it, or a graph output) together with the fused
 map. One walk covers parallel sums, chains, identity shortcuts and nesting.
 
-Two decisions cannot be made locally, so the walk runs to a fixpoint over a set of *blocked* values
-(treated as opaque sources): a region whose fused map is costlier than the ops it replaces blocks the
-operands of its last op, and a split source (LayerNorm's normalisation under its affine) that would be
-needed both folded and unfolded is blocked too. Each round blocks at least one value, and in practice
-two or three rounds suffice.
+Two decisions cannot be made locally, so the walk runs to a fixpoint over two sets of values. A region
+whose fused map is costlier than the ops it replaces makes the operands of its last op *boundaries*
+(no consumer may absorb them; each still folds on its own), and a split source (LayerNorm's
+normalisation under its affine) that would be needed both folded and unfolded makes its op *opaque*.
+Each round adds at least one value to a set, and in practice two or three rounds suffice.
 """
 
 from __future__ import annotations
@@ -125,18 +125,20 @@ def find_regions(ops: Sequence[Op], outputs: Iterable[Hashable], max_rounds: int
         for v in set(op.inputs):
             users[v] = users.get(v, 0) + 1
     by_key = {op.key: op for op in ops}
-    blocked: set[Hashable] = set()
+    boundaries: set[Hashable] = set()
+    opaque: set[Hashable] = set()
     cost_refusals: list[NotFolded] = []
     for rounds in range(1, max_rounds + 1):
-        walk = _Walk(ops, by_key, outputs, users, blocked)
+        walk = _Walk(ops, by_key, outputs, users, boundaries, opaque)
         walk.run()
-        regions, new_blocks, refused = walk.finish()
+        regions, new_boundaries, new_opaque, refused = walk.finish()
         cost_refusals += refused
-        if not new_blocks - blocked:
+        if new_boundaries <= boundaries and new_opaque <= opaque:
             not_folded = walk.not_folded + cost_refusals + _refusals(ops)
             return WalkResult(regions, not_folded, rounds, by_key, walk.meta_sources())
-        blocked |= new_blocks
-    raise RuntimeError("region walk did not converge")  # each round blocks a new value: unreachable
+        boundaries |= new_boundaries
+        opaque |= new_opaque
+    raise RuntimeError("region walk did not converge")  # each round adds a value to a set: unreachable
 
 
 def _refusals(ops: Sequence[Op]) -> list[NotFolded]:
@@ -146,12 +148,13 @@ def _refusals(ops: Sequence[Op]) -> list[NotFolded]:
 
 
 class _Walk:
-    def __init__(self, ops, by_key, outputs, users, blocked) -> None:
+    def __init__(self, ops, by_key, outputs, users, boundaries, opaque) -> None:
         self.ops = ops
         self.by_key = by_key
         self.outputs = outputs
         self.users = users
-        self.blocked = blocked
+        self.boundaries = boundaries  # values no consumer may absorb
+        self.opaque = opaque  # values whose op is not interpreted at all
         self.exprs: dict[Hashable, Expr] = {}
         self.defined_by: dict[Hashable, Op] = {}
         self.absorbed: dict[Hashable, list[Hashable]] = {}  # op key -> input values it absorbed
@@ -164,7 +167,7 @@ class _Walk:
 
     def _absorbable(self, v: Hashable) -> bool:
         e = self.exprs.get(v)
-        if e is None or v in self.blocked or v in self.outputs:
+        if e is None or v in self.boundaries or v in self.outputs:
             return False
         return self.users.get(v, 0) == 1 or isinstance(e.map, Diagonal)
 
@@ -181,9 +184,9 @@ class _Walk:
         for op in self.ops:
             if op.output is not None:
                 self.defined_by[op.output] = op
-            if op.kind == "affine" and op.output not in self.blocked:
+            if op.kind == "affine" and op.output not in self.opaque:
                 self._affine(op)
-            elif op.kind in ("add", "sub") and op.output not in self.blocked:
+            elif op.kind in ("add", "sub") and op.output not in self.opaque:
                 self._sum(op)
             elif op.kind == "meta":
                 self._meta(op)
@@ -260,24 +263,25 @@ class _Walk:
 
     # -- regions ----------------------------------------------------------------------------------
 
-    def finish(self) -> tuple[list[Region], set[Hashable], list[NotFolded]]:
+    def finish(self) -> tuple[list[Region], set[Hashable], set[Hashable], list[NotFolded]]:
         regions: list[Region] = []
-        blocks: set[Hashable] = set()
+        boundaries: set[Hashable] = set()
+        opaque: set[Hashable] = set()
         cost_refusals: list[NotFolded] = []
         ends = [v for v in self.exprs if v in self.materialized or v in self.outputs]
         for v in ends:
             e = self.exprs[v]
             if isinstance(e.source, SplitSource) and v in self.absorbed_somewhere:
-                blocks.add(v)  # needed both with and without its affine part: keep the op whole
+                opaque.add(v)  # needed both with and without its affine part: keep the op whole
                 continue
             if len(e.ops) < 2:
                 continue
             after = e.map.macs()
             if after > e.cost:
                 last = self.defined_by[v]
-                blocks.update(self.absorbed.get(last.key, ()))
+                boundaries.update(self.absorbed.get(last.key, ()))
                 if not self.absorbed.get(last.key):
-                    blocks.add(v)
+                    opaque.add(v)
                 labels = tuple(self._label(k) for k in e.ops)
                 cost_refusals.append(
                     NotFolded(v, "cost", f"fused map costs {after} MACs per position vs {e.cost}", labels)
@@ -285,7 +289,7 @@ class _Walk:
                 continue
             labels = tuple(self._label(k) for k in e.ops)
             regions.append(Region(v, e.source, e.map, e.ops, labels, e.cost, after))
-        return regions, blocks, cost_refusals
+        return regions, boundaries, opaque, cost_refusals
 
     def _label(self, key: Hashable) -> str:
         return self.by_key[key].label

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from branchfold.rewriter.affine import F64, Dense, Diagonal
+from branchfold.rewriter.affine import F64, Conv, Dense, Diagonal
 from branchfold.rewriter.region import Op, SplitSource, find_regions
 
 
@@ -130,3 +130,24 @@ def test_x_plus_x_is_twice_the_identity():
     ops = [add("xx", "x", "x"), aff("a", "x", dense(1)), add("s", "xx", "a"), opaque("r", "s")]
     (r,) = find_regions(ops, ["r"]).regions
     assert r.source == "x" and torch.allclose(r.map.weight, dense(1).weight + 2 * torch.eye(4, dtype=F64))
+
+
+def _conv(seed: int, k: int, groups: int, c: int = 4) -> Conv:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(c, c // groups, k, k, generator=g, dtype=F64)
+    return Conv(w, torch.zeros(c, dtype=F64), (1, 1), ((k // 2, k // 2),) * 2, (1, 1), groups)
+
+
+def test_a_sum_refused_on_cost_still_folds_the_chain_inside_a_branch():
+    # x -> 1x1 (dense) -> 1x1 (2 groups) is an exact, cheaper chain; adding a 3x3 of 2 groups would widen
+    # the sum to one group (144 MACs vs 100): the sum stays, the chain folds on its own.
+    ops = [
+        Op("pre", "affine", ("x",), "p", _conv(0, 1, 1), label="conv"),
+        Op("a", "affine", ("p",), "a", _conv(1, 1, 2), label="conv"),
+        Op("b", "affine", ("x",), "b", _conv(2, 3, 2), label="conv"),
+        Op("sum", "add", ("a", "b"), "s", label="add"),
+        Op("relu", "opaque", ("s",), "y"),
+    ]
+    walk = find_regions(ops, ["y"])
+    assert [(r.value, r.ops) for r in walk.regions] == [("a", ("pre", "a"))]
+    assert [n.category for n in walk.not_folded] == ["cost"]
