@@ -16,7 +16,7 @@ from branchfold.rewriter.affine import F64, Conv, Dense, Diagonal, Refusal
 
 def _f64(t: torch.Tensor | float | int) -> torch.Tensor:
     if isinstance(t, torch.Tensor):
-        return t.detach().to(device="cpu", dtype=F64).clone()
+        return t.detach().to(device="cpu", dtype=F64, copy=True)  # one copy: never alias a user's tensor
     return torch.tensor(float(t), dtype=F64)
 
 

@@ -224,7 +224,7 @@ class _Emitter:
         de-duplicating by content keeps the sharing instead of multiplying the parameters.
         """
         value = cast_tensor(t, dtype).to(device)
-        key = (tuple(value.shape), value.dtype, value.device, float(value.double().sum()))
+        key = (tuple(value.shape), value.dtype, value.device, float(value.sum(dtype=torch.float64)))
         for other, node in self.stored.get(key, ()):
             if torch.equal(other, value):
                 return self.graph.get_attr(node.target)
