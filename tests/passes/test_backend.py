@@ -108,6 +108,38 @@ def test_hugging_face_bert_under_the_backend():
     assert len(rec.folded.watch) > 0
 
 
+def _hf_vision(name: str):
+    transformers = pytest.importorskip("transformers")
+    if name == "vit":
+        config = transformers.ViTConfig(
+            hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=16,
+            patch_size=8, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        )  # fmt: skip
+        return transformers.ViTModel(config), torch.randn(2, 3, 16, 16)
+    if name == "resnet":
+        config = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1])
+        return transformers.ResNetModel(config), torch.randn(2, 3, 32, 32)
+    config = transformers.ConvNextConfig(num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], image_size=32)
+    return transformers.ConvNextModel(config), torch.randn(2, 3, 32, 32)
+
+
+@pytest.mark.parametrize("name", ["vit", "resnet", "convnext"])
+def test_hugging_face_vision_models_under_the_backend(name):
+    torch.manual_seed(0)
+    model, x = _hf_vision(name)
+    model.eval()
+    for m in model.modules():  # trained-looking norms, so that folding them is visible in the output
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    rec = Recorder()
+    with torch.no_grad():
+        out = torch.compile(model, backend=rec)(pixel_values=x).last_hidden_state
+        ref = model(pixel_values=x).last_hidden_state
+    assert close(ref, out)
+    assert len(rec.folded.watch) > 0  # conv→BN, LN→linear, LayerScale: something folded in each
+
+
 def test_inference_mode_folds_too():
     model = small_vit()
     x = model.example_input(2)
