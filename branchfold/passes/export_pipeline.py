@@ -26,7 +26,7 @@ from branchfold.errors import InputError
 from branchfold.passes import verify as verification
 from branchfold.passes.backend import lift_folded_weights
 from branchfold.passes.fx import FoldBranchesPass
-from branchfold.passes.pipeline import FoldResult, _report, _seeded_run
+from branchfold.passes.pipeline import FoldResult, build_report, seeded_run
 from branchfold.passes.undo import bisect_passing, only
 from branchfold.rewriter.fx_adapter import FxFoldResult
 from branchfold.rewriter.region import Region
@@ -58,7 +58,7 @@ def fold_exported_program(
     generator = torch.Generator().manual_seed(seed)
     for _ in range(random_checks):
         input_sets.append((tuple(verification.random_inputs(args, generator)), kwargs))
-    ref_outputs = [_seeded_run(reference, a, k, seed) for a, k in input_sets] if verify else None
+    ref_outputs = [seeded_run(reference, a, k, seed) for a, k in input_sets] if verify else None
 
     def attempt(select: Callable[[Region], bool] | None) -> tuple[ExportedProgram, FxFoldResult]:
         gm = fx.GraphModule(ep.graph_module, copy.deepcopy(ep.graph), class_name="BranchfoldProgram")
@@ -78,7 +78,7 @@ def fold_exported_program(
         undone = [r for r in result.regions if r.value.name not in good]
         folded, result = attempt(only(good))
         outcome = check(folded)
-    report = _report(reference, folded.module(), result, undone, args, kwargs, outcome, False)
+    report = build_report(reference, folded.module(), result, undone, args, kwargs, outcome, False)
     return FoldResult(folded, report)
 
 

@@ -33,7 +33,7 @@ from branchfold.patterns.horizontal import (
     Policy,
 )
 from branchfold.rewriter.affine import Conv, Dense
-from branchfold.rewriter.fx_adapter import _Emitter, uses_aten
+from branchfold.rewriter.fx_adapter import Emitter, uses_aten
 from branchfold.rewriter.region import WalkResult
 
 aten = torch.ops.aten
@@ -122,7 +122,7 @@ class _Writer:
         self.gm, self.ctx = gm, ctx
         self.graph = gm.graph
         self.aten = uses_aten(gm.graph)
-        self.emitter = _Emitter(gm, ctx, WalkResult([], []))
+        self.emitter = Emitter(gm, ctx, WalkResult([], []))
         self.dead: list[fx.Node] = []
 
     def write(self, source: fx.Node, group: list[Member], fused: Fused) -> None:

@@ -31,7 +31,7 @@ from branchfold.patterns.horizontal import (
 )
 from branchfold.patterns.onnx_ops import OnnxContext, recognize
 from branchfold.rewriter.affine import Conv, Dense, Diagonal, Refusal, compose_maps
-from branchfold.rewriter.onnx_adapter import _Emitter
+from branchfold.rewriter.onnx_adapter import Emitter
 from branchfold.rewriter.region import WalkResult
 
 
@@ -119,7 +119,7 @@ def _candidates(ctx: OnnxContext, graph: ir.Graph) -> dict[tuple, list[Member]]:
 class _Writer:
     def __init__(self, graph: ir.Graph, opset: int) -> None:
         self.graph, self.opset = graph, opset
-        self.emitter = _Emitter(graph, WalkResult([], []))
+        self.emitter = Emitter(graph, WalkResult([], []))
 
     def write(self, source: ir.Value, group: Sequence[Member], fused: Fused) -> None:
         order = {n: i for i, n in enumerate(self.graph)}

@@ -65,7 +65,7 @@ def fold_module(
     generator = torch.Generator().manual_seed(seed)
     for _ in range(random_checks):
         input_sets.append((tuple(verify.random_inputs(args, generator)), kwargs))
-    ref_outputs = [_seeded_run(reference, a, k, seed) for a, k in input_sets] if verify_result else None
+    ref_outputs = [seeded_run(reference, a, k, seed) for a, k in input_sets] if verify_result else None
 
     def attempt(
         select: Callable[[Region], bool] | None, fuse_mode: HorizontalMode = horizontal
@@ -98,12 +98,12 @@ def fold_module(
         outcome = check(folded)
     final = fx.GraphModule(folded, folded.graph, class_name=type(gm).__name__)  # drops unused weights
     final.train(training)
-    report = _report(gm, final, result, undone, args, kwargs, outcome, training)
+    report = build_report(gm, final, result, undone, args, kwargs, outcome, training)
     add_horizontal(report, fused)
     if verify_result and _float_dtype(model) in LOW_PRECISION:
         _low_precision_errors(report, model, final, input_sets)
     if ref_outputs is not None:
-        return FoldResult(_keep_output_structure(final, ref_outputs[0], _seeded_run(final, args, kwargs, seed)), report)
+        return FoldResult(_keep_output_structure(final, ref_outputs[0], seeded_run(final, args, kwargs, seed)), report)
     return FoldResult(final, report)
 
 
@@ -149,7 +149,7 @@ def _seeded_call(fn, args, kwargs, seed):
         return fn(*args, **kwargs)
 
 
-def _seeded_run(fn, args, kwargs, seed):
+def seeded_run(fn, args, kwargs, seed):
     with torch.no_grad(), _fixed_rng(seed):
         return fn(*args, **kwargs)
 
@@ -231,7 +231,7 @@ def add_horizontal(report: FoldReport, result: HorizontalResult) -> None:
             report.not_folded.append(Skipped(g.source, "horizontal-policy", g.reason, g.ops))
 
 
-def _report(gm, final, result, undone, args, kwargs, outcome, training) -> FoldReport:
+def build_report(gm, final, result, undone, args, kwargs, outcome, training) -> FoldReport:
     report = FoldReport(
         folded=[region_report(r, _name(r.value)) for r in result.regions],
         not_folded=[skipped_report(n, _name(n.where)) for n in result.not_folded],

@@ -141,11 +141,11 @@ def fold_graph(
     if select is not None:
         walk.regions = [r for r in walk.regions if select(r)]
     if walk.regions:
-        _Emitter(gm, ctx, walk).emit()
+        Emitter(gm, ctx, walk).emit()
     return FxFoldResult(walk.regions, walk.not_folded, walk)
 
 
-class _Emitter:
+class Emitter:
     def __init__(self, gm: fx.GraphModule, ctx: FxContext, walk: WalkResult) -> None:
         self.gm, self.ctx, self.walk = gm, ctx, walk
         self.graph = gm.graph

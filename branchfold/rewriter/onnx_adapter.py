@@ -75,7 +75,7 @@ def fold_graph(graph: ir.Graph, select: Callable[[Region], bool] | None = None) 
         walk.regions = [r for r in walk.regions if select(r)]
     names = [r.value.name for r in walk.regions]
     if walk.regions:
-        _Emitter(graph, walk).emit()
+        Emitter(graph, walk).emit()
     return OnnxFoldResult(walk.regions, walk.not_folded, walk, names)
 
 
@@ -94,7 +94,7 @@ def existing_names(graph: ir.Graph) -> set[str]:
     return names
 
 
-class _Emitter:
+class Emitter:
     def __init__(self, graph: ir.Graph, walk: WalkResult) -> None:
         self.graph, self.walk = graph, walk
         self.names = existing_names(graph)
