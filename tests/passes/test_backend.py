@@ -190,8 +190,21 @@ def test_in_place_parameter_changes_refold_without_recompiling():
     assert len([c for c in rec.compiled if isinstance(c, FoldedGraph)]) == 1  # never recompiled
 
 
-def test_writes_through_data_need_value_checks_or_invalidate():
-    """``p.data.copy_`` bypasses the version counter: the values mode and ``invalidate()`` catch it."""
+def test_writes_through_data_are_caught_by_the_sampled_check():
+    """``p.data.copy_`` bypasses the version counter; the sampled values see new weights loaded that way."""
+    model = small_vit()
+    x = model.example_input(2)
+    weight = model.blocks[0].mlp.fc1.branches[0].weight
+    rec = Recorder(weight_check="sampled")
+    compiled = torch.compile(model, backend=rec)
+    with torch.no_grad():
+        compiled(x)
+        weight.data.copy_(torch.randn_like(weight))  # loading new weights through .data
+        assert close(model(x), compiled(x))
+    assert rec.folded.refolds == 1
+
+
+def test_writes_through_data_with_the_default_metadata_check_need_values_mode_or_invalidate():
     model = small_vit()
     x = model.example_input(2)
     weight = model.blocks[0].mlp.fc1.branches[0].weight
@@ -204,14 +217,21 @@ def test_writes_through_data_need_value_checks_or_invalidate():
     assert by_value.folded.refolds == 1
 
     torch._dynamo.reset()
-    rec = Recorder()
+    rec = Recorder()  # the default check: metadata
     compiled = torch.compile(model, backend=rec)
     with torch.no_grad():
         compiled(x)
         weight.data.mul_(2.0)
+        assert rec.folded.refolds == 0 and compiled(x) is not None  # metadata alone cannot see it
         invalidate()
         assert close(model(x), compiled(x))
     assert rec.folded.refolds == 1
+
+
+def test_an_unknown_weight_check_is_an_error():
+    gm = torch.fx.symbolic_trace(nn.Linear(2, 2))
+    with pytest.raises(InputError, match="weight_check must be one of metadata, sampled, values"):
+        branchfold_backend(gm, [torch.randn(1, 2)], options={"weight_check": "everything"})
 
 
 def test_replaced_parameter_object_is_noticed():
