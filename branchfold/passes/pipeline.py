@@ -15,7 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from branchfold.errors import InputError
 from branchfold.passes import verify
 from branchfold.passes.capture import CaptureMethod, capture
-from branchfold.passes.fx import FoldBranchesPass, ShapePropPass, has_shapes
+from branchfold.passes.fx import FoldBranchesPass, PlainCallingConventionPass, ShapePropPass, has_shapes
 from branchfold.passes.fx_horizontal import HorizontalFusionPass
 from branchfold.passes.undo import bisect_passing, only
 from branchfold.patterns.horizontal import HorizontalMode, HorizontalResult, check_mode
@@ -75,6 +75,7 @@ def fold_module(
         fold.call(candidate)
         fuse = HorizontalFusionPass(fuse_mode)
         fuse.call(candidate)
+        PlainCallingConventionPass().call(candidate)
         return candidate, fold.result, fuse.result
 
     def check(candidate: fx.GraphModule) -> verify.Check:
