@@ -267,12 +267,23 @@ def recognize(ctx: FxContext, node: fx.Node) -> Op:
     """The neutral op for one FX node; anything unrecognized or refused is opaque."""
     inputs = tuple(node.all_input_nodes)
     opaque = Op(node, "opaque", inputs, node, label=_label(ctx, node))
+    if not _may_be_tensor(node):
+        return opaque  # size arithmetic (``x.size(0) * 4``) looks like a scale but is not a tensor op
     try:
         op = _recognize(ctx, node)
     except Refusal as r:
         opaque.refusal = r
         return opaque
     return op or opaque
+
+
+def _may_be_tensor(node: fx.Node) -> bool:
+    """False where the recorded metadata says the node computes something other than a tensor."""
+    val = node.meta.get("val", node.meta.get("example_value"))
+    if val is not None:
+        return isinstance(val, torch.Tensor)
+    recorded = node.meta.get("type")  # ShapeProp records the result's type for every node
+    return recorded is None or issubclass(recorded, torch.Tensor)
 
 
 def _label(ctx: FxContext, node: fx.Node) -> str:

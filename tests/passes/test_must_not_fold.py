@@ -191,3 +191,21 @@ def test_residual_plus_nonlinear_branch_is_not_a_region():
 
     f = fold_in("symbolic_trace", M().eval(), (torch.randn(3, 6),))
     assert f.regions == []
+
+
+def test_size_arithmetic_is_not_mistaken_for_a_scale():
+    """``x.size(0) * 4 * 2`` is integer arithmetic: recognizing it as two scales would rewrite it into tensors."""
+
+    class SizeMath(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            rows = x.size(0) * 4 * 2
+            return self.fc(x).reshape(rows, -1)
+
+    m, x = SizeMath().eval(), torch.randn(4, 8)
+    r = branchfold.fold_with_report(m, (x,), capture="symbolic_trace")
+    assert r.report.verified and r.report.folded == []
+    assert torch.equal(r.model(x), m(x))
