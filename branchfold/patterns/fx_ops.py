@@ -267,7 +267,7 @@ def recognize(ctx: FxContext, node: fx.Node) -> Op:
     """The neutral op for one FX node; anything unrecognized or refused is opaque."""
     inputs = tuple(node.all_input_nodes)
     opaque = Op(node, "opaque", inputs, node, label=_label(ctx, node))
-    if not _may_be_tensor(node):
+    if _computes_a_number(node):
         return opaque  # size arithmetic (``x.size(0) * 4``) looks like a scale but is not a tensor op
     try:
         op = _recognize(ctx, node)
@@ -277,13 +277,16 @@ def recognize(ctx: FxContext, node: fx.Node) -> Op:
     return op or opaque
 
 
-def _may_be_tensor(node: fx.Node) -> bool:
-    """False where the recorded metadata says the node computes something other than a tensor."""
+_NUMBERS = (int, float, bool, torch.SymInt, torch.SymFloat, torch.SymBool)
+
+
+def _computes_a_number(node: fx.Node) -> bool:
+    """True where the recorded metadata says the node computes a number (size arithmetic), not a tensor."""
     val = node.meta.get("val", node.meta.get("example_value"))
     if val is not None:
-        return isinstance(val, torch.Tensor)
+        return isinstance(val, _NUMBERS)
     recorded = node.meta.get("type")  # ShapeProp records the result's type for every node
-    return recorded is None or issubclass(recorded, torch.Tensor)
+    return recorded is not None and issubclass(recorded, _NUMBERS)
 
 
 def _label(ctx: FxContext, node: fx.Node) -> str:
