@@ -96,6 +96,12 @@ def fold_onnx(
             undone = [(r, n) for r, n in zip(result.regions, names) if n not in good]
             folded, result, fused = attempt(only(good))
             outcome = checker.check(folded)
+        if not outcome.ok and (result.regions or fused.fused):
+            say("the remaining rewrites fail together: writing the model unfolded")
+            undone += list(zip(result.regions, result.names))
+            fuse_mode = "off"
+            folded, result, fused = attempt(only([]))
+            outcome = checker.check(folded)
     say("writing the report")
     folded_proto = ir.to_proto(folded)
     report = FoldReport(

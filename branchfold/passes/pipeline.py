@@ -68,7 +68,7 @@ def fold_module(
     ref_outputs = [seeded_run(reference, a, k, seed) for a, k in input_sets] if verify_result else None
 
     def attempt(
-        select: Callable[[Region], bool] | None, fuse_mode: HorizontalMode = horizontal
+        select: Callable[[Region], bool] | None, fuse_mode: HorizontalMode
     ) -> tuple[fx.GraphModule, FxFoldResult, HorizontalResult]:
         candidate = fx.GraphModule(gm, copy.deepcopy(pristine), class_name=type(gm).__name__)
         fold = FoldBranchesPass(select=select)
@@ -83,19 +83,25 @@ def fold_module(
             reference, lambda *a, **k: _seeded_call(candidate, a, k, seed), input_sets, tolerance, ref_outputs
         )
 
-    folded, result, fused = attempt(None)
+    fuse_mode = horizontal
+    folded, result, fused = attempt(None, fuse_mode)
     undone: list[Region] = []
     outcome = check(folded) if verify_result else None
     if outcome is not None and not outcome.ok and fused.fused:
-        folded, result, fused = attempt(None, "off")  # a speed rewrite is the first thing to give up
+        fuse_mode = "off"  # a speed rewrite is the first thing to give up
+        folded, result, fused = attempt(None, fuse_mode)
         outcome = check(folded)
     if outcome is not None and not outcome.ok and result.regions:
-        fuse_mode: HorizontalMode = "off" if fused.groups and not fused.fused else horizontal
         good = bisect_passing(
             [r.value.name for r in result.regions], lambda names: check(attempt(only(names), fuse_mode)[0]).ok
         )
         undone = [r for r in result.regions if r.value.name not in good]
         folded, result, fused = attempt(only(good), fuse_mode)
+        outcome = check(folded)
+    if outcome is not None and not outcome.ok and (result.regions or fused.fused):
+        undone += result.regions  # they pass one by one but not together: ship nothing folded
+        fuse_mode = "off"
+        folded, result, fused = attempt(only([]), fuse_mode)
         outcome = check(folded)
     final = fx.GraphModule(folded, folded.graph, class_name=type(gm).__name__)  # drops unused weights
     final.train(training)

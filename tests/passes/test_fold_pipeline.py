@@ -188,3 +188,66 @@ def test_a_fold_that_fails_its_check_is_undone_and_reported(monkeypatch):
     assert r.report.counts_by_kind() == {"chain": 1}  # the good region stays folded
     assert r.report.skipped_by_reason().get("failed-check") == 1
     assert r.report.verified and rel_err(m(x), r.model(x)) <= 1e-5
+
+
+def test_once_horizontal_fusion_is_given_up_the_bisection_keeps_it_off(monkeypatch):
+    """A broken sibling fusion and a broken sum: fusion is dropped first and must stay dropped while the
+    failing region is searched for, or every bisection attempt fails and the good fold is lost too."""
+    from dataclasses import replace
+
+    from branchfold.patterns import horizontal
+    from branchfold.rewriter import region
+    from branchfold.rewriter.affine import Dense
+
+    real_sum, real_concat = region.add_maps, horizontal.concat
+
+    def wrong_sum(a, b):
+        m = real_sum(a, b)
+        return Dense(m.weight, m.bias + 1) if isinstance(m, Dense) else m
+
+    def wrong_concat(group):
+        fused = real_concat(group)
+        return replace(fused, map=replace(fused.map, bias=fused.map.bias + 1), has_bias=True)
+
+    monkeypatch.setattr(region, "add_maps", wrong_sum)
+    monkeypatch.setattr(horizontal, "concat", wrong_concat)
+
+    class SiblingsAndBranches(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k = nn.Linear(8, 8), nn.Linear(8, 8)
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+            self.norm = nn.BatchNorm1d(8)
+
+        def forward(self, x):
+            y = torch.relu(self.norm(self.q(x)) * self.k(x))  # q→BN folds; q, k are siblings
+            return torch.relu(self.a(y) + self.b(y))  # a broken sum
+
+    m, x = SiblingsAndBranches().eval(), torch.randn(4, 8)
+    randomize_bn(m)
+    r = branchfold.fold_with_report(m, (x,), horizontal="on")
+    assert r.report.verified and rel_err(m(x), r.model(x)) <= 1e-5
+    assert "horizontal" not in r.report.counts_by_kind()
+    assert r.report.counts_by_kind() == {"chain": 1}  # q→BN stays folded
+    assert r.report.skipped_by_reason().get("failed-check") == 1
+
+
+def test_regions_that_pass_alone_but_fail_together_are_all_undone(monkeypatch):
+    """If the check still fails after bisection, the model is returned unfolded, never as it failed."""
+    from branchfold.passes import pipeline
+    from branchfold.rewriter import region
+    from branchfold.rewriter.affine import Dense
+
+    real = region.add_maps
+
+    def wrong(a, b):
+        m = real(a, b)
+        return Dense(m.weight, m.bias + 1) if isinstance(m, Dense) else m
+
+    monkeypatch.setattr(region, "add_maps", wrong)
+    monkeypatch.setattr(pipeline, "bisect_passing", lambda items, ok: items)  # bisection finds nothing
+    m, x = block(), torch.randn(4, 8)
+    r = branchfold.fold_with_report(m, (x,), horizontal="off")
+    assert r.report.verified and rel_err(m(x), r.model(x)) <= 1e-5
+    assert r.report.folded == []
+    assert r.report.skipped_by_reason().get("failed-check") == 2  # the broken sum and the good chain

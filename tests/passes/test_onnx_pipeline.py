@@ -100,6 +100,26 @@ def test_failing_region_is_undone_and_reported(make_onnx, monkeypatch):
     assert linears(result.model) == 3
 
 
+def test_rewrites_that_fail_together_leave_the_model_unfolded(branches, monkeypatch):
+    """If the check still fails after bisection, nothing folded is written: never the failing model."""
+    from branchfold.passes import onnx_pipeline
+
+    real = onnx_adapter.find_regions
+
+    def corrupt(ops, outputs):
+        walk = real(ops, outputs)
+        for r in walk.regions:
+            r.map = type(r.map)(r.map.weight * 1.5, r.map.bias)
+        return walk
+
+    monkeypatch.setattr(onnx_adapter, "find_regions", corrupt)
+    monkeypatch.setattr(onnx_pipeline, "bisect_passing", lambda items, ok: items)  # bisection finds nothing
+    result = fold_onnx(branches)
+    assert result.report.verified and result.report.folded == []
+    assert result.report.skipped_by_reason().get("failed-check") == 1
+    assert linears(result.model) == 2
+
+
 def test_unknown_domain_is_refused(branches):
     branches.graph.node.append(helper.make_node("Foo", ["y"], ["z"], domain="my.custom"))
     with pytest.raises(InputError, match="unknown domain 'my.custom'"):
