@@ -80,7 +80,7 @@ def fold_module(
 
     def check(candidate: fx.GraphModule) -> verify.Check:
         return verify.check(
-            reference, lambda *a, **k: _seeded_call(candidate, a, k, seed), input_sets, tolerance, ref_outputs
+            reference, lambda *a, **k: seeded_run(candidate, a, k, seed), input_sets, tolerance, ref_outputs
         )
 
     fuse_mode = horizontal
@@ -149,11 +149,6 @@ def _fixed_rng(seed: int):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
-
-
-def _seeded_call(fn, args, kwargs, seed):
-    with _fixed_rng(seed):
-        return fn(*args, **kwargs)
 
 
 def seeded_run(fn, args, kwargs, seed):
