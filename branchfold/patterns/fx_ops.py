@@ -333,7 +333,7 @@ def _is_meta(node: fx.Node) -> bool:
     return node.op == "call_method" and node.target in _META_METHODS
 
 
-def _operands(ctx: FxContext, node: fx.Node) -> tuple[Any, Any, dict]:
+def _operands(node: fx.Node) -> tuple[Any, Any, dict]:
     a = node.args[0] if node.args else node.kwargs.get("input", node.kwargs.get("self"))
     b = node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
     return a, b, dict(node.kwargs)
@@ -348,7 +348,7 @@ def _const_operand(ctx: FxContext, v: Any) -> torch.Tensor | float | None:
 
 
 def _add_sub(ctx: FxContext, node: fx.Node, kind: str) -> Op | None:
-    a, b, kw = _operands(ctx, node)
+    a, b, kw = _operands(node)
     alpha = kw.get("alpha", node.args[2] if len(node.args) > 2 else 1)
     if alpha != 1 or "out" in kw:
         return None
@@ -375,7 +375,7 @@ def _add_sub(ctx: FxContext, node: fx.Node, kind: str) -> Op | None:
 
 
 def _mul_div(ctx: FxContext, node: fx.Node, div: bool) -> Op | None:
-    a, b, kw = _operands(ctx, node)
+    a, b, kw = _operands(node)
     if "rounding_mode" in kw and kw["rounding_mode"] is not None:
         return None
     ca, cb = _const_operand(ctx, a), _const_operand(ctx, b)

@@ -171,8 +171,8 @@ class _Walk:
             return False
         return self.users.get(v, 0) == 1 or isinstance(e.map, Diagonal)
 
-    def _operand(self, op: Op, v: Hashable) -> Expr | None:
-        """The expression of input ``v`` if ``op`` may absorb it, else None (``v`` is a source)."""
+    def _operand(self, v: Hashable) -> Expr | None:
+        """The expression of input ``v`` if its consumer may absorb it, else None (``v`` is a source)."""
         if self._absorbable(v):
             return self.exprs[v]
         return None
@@ -201,7 +201,7 @@ class _Walk:
             self._as_source(x)
             self.exprs[op.output] = Expr(SplitSource(op.key), op.map, (op.key,), own_cost, op.shared)
             return
-        inner = self._operand(op, x)
+        inner = self._operand(x)
         if inner is not None:
             try:
                 shared = _sharing(inner.shared, op.shared)
@@ -219,7 +219,7 @@ class _Walk:
 
     def _sum(self, op: Op) -> None:
         a, b = op.inputs
-        ea, eb = self._operand(op, a), self._operand(op, b)
+        ea, eb = self._operand(a), self._operand(b)
         if ea is None and eb is None and a == b:  # ``x + x`` (export drops nn.Identity branches)
             ea = eb = Expr(a, identity(), (), 0)
         # ``x + f(x)``: the bare operand is the identity map of the other's source.
