@@ -3,14 +3,16 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench fuzz clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# The CPU build of torch first: a bare "pip install torch" would pull the multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test,bench]'
+# setuptools reports every editable install with an information-only warning (its InformationOnly
+# class: "be careful with folders named like the package"): nothing to act on, so it is filtered.
+	PYTHONWARNINGS='ignore:Editable installation' $(PY) -m pip install -q -e '.[test,bench]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -27,6 +29,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run
+
+# FUZZ_N random models (default 10,000), FUZZ_SEED to reproduce a campaign, FUZZ_SECONDS to cap its time.
+fuzz: $(STAMP)
+	$(PY) -m fuzz
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

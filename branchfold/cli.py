@@ -34,6 +34,14 @@ def _parser() -> argparse.ArgumentParser:
         "--horizontal", choices=("auto", "on", "off"), default="auto",
         help="fuse MatMul/Gemm/Conv siblings into one op + Split: auto (where measured faster), on, off",
     )  # fmt: skip
+    f.add_argument(
+        "--no-runtime-guard", action="store_true",
+        help="keep rewrites even where onnxruntime's optimizer then fuses less than on the original",
+    )  # fmt: skip
+    f.add_argument(
+        "--transformer-model-type", metavar="TYPE", default=None,
+        help="also keep every fusion onnxruntime's transformer optimizer makes for this model type (bert, gpt2, ...)",
+    )  # fmt: skip
     d = sub.add_parser("demo", help="run the demo (remaining arguments go to it)", add_help=False)
     d.add_argument("rest", nargs=argparse.REMAINDER)
     return p
@@ -74,14 +82,15 @@ def _fold(args: argparse.Namespace) -> int:
             say.show()
         result = fold_onnx(
             model, verify=not args.no_verify, tolerance=args.tolerance, seed=args.seed, progress=say,
-            horizontal=args.horizontal,
+            horizontal=args.horizontal, runtime_guard=not args.no_runtime_guard,
+            transformer_guard=args.transformer_model_type,
         )  # fmt: skip
         if result.report.max_error is not None and not result.report.verified:
             raise BranchfoldError(
                 f"the folded model differs from the original (error {result.report.max_error:.2e}); nothing written"
             )
         say("writing the folded model")
-        external = bool(onnx_io._external_tensors(onnx_io.onnx.load(str(src), load_external_data=False))) or None
+        external = onnx_io.has_external_data(src) or None
         onnx_io.save_model(result.model, out, external_data=external)
     if args.json:
         print(json.dumps(result.report.to_dict(), indent=2))

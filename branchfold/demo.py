@@ -8,30 +8,16 @@ speed of the folded model against the original, measured side by side.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from rich.console import Console
 
 from branchfold.api import fold_with_report
+from branchfold.timing import interleaved
 
 DEMO_MODELS = ("seed-vit", "repvgg")
-
-
-def interleaved_medians(fns: Sequence[Callable[[], object]], runs: int = 7, warmup: int = 2) -> list[float]:
-    """Median seconds per call of each function, the functions taking turns so drift hits all alike."""
-    for _ in range(warmup):
-        for fn in fns:
-            fn()
-    samples: list[list[float]] = [[] for _ in fns]
-    for _ in range(runs):
-        for i, fn in enumerate(fns):
-            start = time.perf_counter()
-            fn()
-            samples[i].append(time.perf_counter() - start)
-    return [statistics.median(s) for s in samples]
 
 
 def run_one(name: str, console: Console, batch: int, runs: int) -> dict:
@@ -44,13 +30,17 @@ def run_one(name: str, console: Console, batch: int, runs: int) -> dict:
     start = time.perf_counter()
     result = fold_with_report(model, inputs)
     fold_seconds = time.perf_counter() - start
-    console.print(result.report.render(title=f"{name}: folded in {fold_seconds:.1f}s (capture, fold, verify)"))
-    with torch.no_grad():
-        t_orig, t_folded = interleaved_medians([lambda: model(*inputs), lambda: result.model(*inputs)], runs)
-    speedup = t_orig / t_folded
     console.print(
-        f"latency (batch {batch}, median of {runs} interleaved runs, {torch.get_num_threads()} threads): "
-        f"original {t_orig * 1e3:.2f} ms, folded {t_folded * 1e3:.2f} ms → [bold]{speedup:.2f}x[/bold]"
+        result.report.render(title=f"{name}: folded in {fold_seconds:.1f}s (capture, fold, verify)")
+    )
+    with torch.no_grad():
+        t = interleaved(
+            {"original": lambda: model(*inputs), "folded": lambda: result.model(*inputs)}, rounds=runs
+        )
+    speedup = t["original"].median / t["folded"].median
+    console.print(
+        f"latency (batch {batch}, median of {runs} interleaved rounds, {torch.get_num_threads()} threads): "
+        f"original {t['original'].ms:.2f} ms, folded {t['folded'].ms:.2f} ms → [bold]{speedup:.2f}x[/bold]"
     )
     return {"model": name, "verified": result.report.verified, "speedup": speedup}
 
@@ -59,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="branchfold demo", description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(DEMO_MODELS), help="zoo models to fold")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--runs", type=int, default=7, help="timed runs per model (median)")
+    parser.add_argument("--runs", type=int, default=7, help="timed rounds per model (median)")
     args = parser.parse_args(argv)
     console = Console()
     from branchfold.zoo import ZOO

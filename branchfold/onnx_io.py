@@ -10,26 +10,49 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
 from google.protobuf.message import DecodeError
+from onnx.external_data_helper import load_external_data_for_model, uses_external_data
 
 from branchfold.errors import InputError
 
 PROTOBUF_LIMIT = 2**31 - 1  # a serialized ModelProto must stay under 2 GB
 
 
-def _external_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
-    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+def _graph_tensors(graph: onnx.GraphProto | onnx.FunctionProto) -> Iterator[onnx.TensorProto]:
+    """Initializers and attribute tensors of a graph and of the subgraphs (If/Loop/Scan bodies) in it."""
+    yield from getattr(graph, "initializer", ())
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _graph_tensors(attr.g)
+            for sub in attr.graphs:
+                yield from _graph_tensors(sub)
 
-    return [t for t in _get_all_tensors(model) if uses_external_data(t)]
+
+def external_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    """The tensors of ``model`` (main graph, subgraphs, functions) whose data lives in external files."""
+    found = list(_graph_tensors(model.graph))
+    for function in model.functions:
+        found += _graph_tensors(function)
+    return [t for t in found if uses_external_data(t)]
+
+
+def has_external_data(path: str | os.PathLike) -> bool:
+    """Whether the model file at ``path`` keeps tensors in external data files (read without them)."""
+    return bool(external_tensors(onnx.load(str(path), load_external_data=False)))
 
 
 def check_external_locations(model: onnx.ModelProto, folder: Path) -> None:
     """Refuse external-data locations that would read outside the model's own folder."""
     root = folder.resolve()
-    for t in _external_tensors(model):
+    for t in external_tensors(model):
         location = next((e.value for e in t.external_data if e.key == "location"), "")
         target = (root / location).resolve()
         if Path(location).is_absolute() or not target.is_relative_to(root):
@@ -55,9 +78,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     if not model.HasField("graph") or model.ir_version <= 0 or not model.opset_import:
         raise InputError(f"{p} is not an ONNX model (no graph, IR version or opset)")
     check_external_locations(model, p.parent)
-    if _external_tensors(model):
-        from onnx.external_data_helper import load_external_data_for_model
-
+    if external_tensors(model):
         try:
             load_external_data_for_model(model, str(p.parent))
         except (OSError, ValueError) as e:

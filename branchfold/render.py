@@ -1,13 +1,17 @@
-"""Rich rendering of a FoldReport (kept apart so the report itself stays a plain dataclass)."""
+"""Text rendering of a fold report, from its plain data (what ``FoldReport.to_dict()`` gives).
+
+This module knows nothing of the report's classes: the report calls it, never the reverse, and a report
+read back from JSON (``branchfold fold --json``) renders the same as a live one.
+"""
 
 from __future__ import annotations
 
 import io
+from collections.abc import Mapping
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
-
-from branchfold.report import FoldReport
 
 
 def _fmt(n: int | None) -> str:
@@ -19,38 +23,44 @@ def _fmt(n: int | None) -> str:
     return str(n)
 
 
-def render_report(report: FoldReport, title: str, max_skipped: int = 12) -> str:
+def render_report(report: Mapping[str, Any], title: str, max_skipped: int = 12) -> str:
+    """The report as a table for people: totals before → after, regions, error, what was not folded."""
     buf = io.StringIO()
     console = Console(file=buf, width=110, force_terminal=False, color_system=None)
     console.print(title)
     totals = Table(show_edge=False)
     for col in ("", "before", "after", "ratio"):
         totals.add_column(col, justify="right" if col else "left")
-    if report.before and report.after:
+    before, after = report.get("before"), report.get("after")
+    if before and after:
         for key in ("ops", "params", "macs"):
-            b, a = getattr(report.before, key), getattr(report.after, key)
+            b, a = before[key], after[key]
             totals.add_row(key, _fmt(b), _fmt(a), f"{a / b:.2f}x" if b else "-")
     console.print(totals)
-    kinds = ", ".join(f"{k}: {v}" for k, v in sorted(report.counts_by_kind().items())) or "none"
-    console.print(f"folded regions: {len(report.folded)} ({kinds})")
-    if report.max_error is not None:
-        verdict = "ok" if report.verified else "FAILED"
-        console.print(f"max relative error: {report.max_error:.2e} (tolerance {report.tolerance:.0e}) {verdict}")
-    if report.error_vs_fp32 is not None:
+    counts = report.get("counts_by_kind") or {}
+    kinds = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) or "none"
+    console.print(f"folded regions: {len(report.get('folded') or ())} ({kinds})")
+    if report.get("max_error") is not None:
+        verdict = "ok" if report.get("verified") else "FAILED"
         console.print(
-            f"error vs fp32 reference: folded {report.error_vs_fp32:.2e}, "
-            f"original {report.original_error_vs_fp32:.2e}"
+            f"max relative error: {report['max_error']:.2e} (tolerance {report['tolerance']:.0e}) {verdict}"
         )
-    if report.not_folded:
+    if report.get("error_vs_fp32") is not None:
+        console.print(
+            f"error vs fp32 reference: folded {report['error_vs_fp32']:.2e}, "
+            f"original {report['original_error_vs_fp32']:.2e}"
+        )
+    not_folded = report.get("not_folded") or []
+    if not_folded:
         console.print("not folded:")
         skipped = Table(show_edge=False)
         for col in ("where", "reason", "detail"):
             skipped.add_column(col)
-        for s in report.not_folded[:max_skipped]:
-            skipped.add_row(s.at, s.reason, s.detail)
+        for s in not_folded[:max_skipped]:
+            skipped.add_row(s["at"], s["reason"], s["detail"])
         console.print(skipped)
-        if len(report.not_folded) > max_skipped:
-            console.print(f"... and {len(report.not_folded) - max_skipped} more")
-    for note in report.notes:
+        if len(not_folded) > max_skipped:
+            console.print(f"... and {len(not_folded) - max_skipped} more")
+    for note in report.get("notes") or ():
         console.print(f"note: {note}")
     return buf.getvalue()

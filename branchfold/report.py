@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
+from branchfold.render import render_report
 from branchfold.rewriter.region import NotFolded, Region
 
 
@@ -20,7 +21,7 @@ class FoldedRegion:
 @dataclass
 class Skipped:
     at: str
-    reason: str  # category: shared-weight, training-mode, geometry, padding-border, cost, failed-check, ...
+    reason: str  # category: shared-weight, training-mode, geometry, padding-border, cost, failed-check, lost-fusion, ...
     detail: str
     ops: list[str] = field(default_factory=list)
 
@@ -44,6 +45,7 @@ class FoldReport:
     original_error_vs_fp32: float | None = None
     verified: bool = False
     notes: list[str] = field(default_factory=list)
+    checked_batches: list[int] = field(default_factory=list)  # batch sizes the check ran the folded model at
 
     def counts_by_kind(self) -> dict[str, int]:
         return dict(Counter(r.kind for r in self.folded))
@@ -58,9 +60,8 @@ class FoldReport:
         return d
 
     def render(self, title: str = "branchfold") -> str:
-        from branchfold.render import render_report
-
-        return render_report(self, title)
+        """The report as a text table (``render`` formats the plain data of ``to_dict``)."""
+        return render_report(self.to_dict(), title)
 
     def __str__(self) -> str:
         return self.render()

@@ -1,6 +1,6 @@
 """Shared test helpers: capture a model in each FX dialect, fold it with the pass, compare, count ops.
 
-The three dialects are the ones the FX side must read (DESIGN.md §3): ``symbolic_trace`` (call_module),
+The three dialects are the ones the FX side must read (docs/design.md §5): ``symbolic_trace`` (call_module),
 ``dynamo`` (functional calls, weights as placeholders given as constants), ``export`` (ATen, via
 ``ExportedProgram.module()``) and ``export-decomposed`` (``addmm``/``convolution``/``_native_batch_norm``).
 """

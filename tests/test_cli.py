@@ -14,6 +14,7 @@ import onnx
 import pytest
 from onnx import helper
 
+import branchfold
 from branchfold import cli, onnx_io
 
 R = np.random.default_rng(0)
@@ -122,7 +123,9 @@ def test_large_models_are_written_with_external_data(model_file, tmp_path, monke
 
 def test_demo_subcommand_is_passed_on(monkeypatch):
     seen = []
-    monkeypatch.setitem(sys.modules, "branchfold.demo", types.SimpleNamespace(main=lambda argv: seen.append(argv) or 0))
+    fake = types.SimpleNamespace(main=lambda argv: seen.append(argv) or 0)
+    monkeypatch.setitem(sys.modules, "branchfold.demo", fake)
+    monkeypatch.setattr(branchfold, "demo", fake, raising=False)  # the package attribute, once demo was imported
     assert run("demo", "--quick", "x") == 0 and seen == [["--quick", "x"]]
 
 
