@@ -6,6 +6,9 @@ here: constants that come from initializers, ``Constant`` nodes or Transpose/Res
 Gemm's ``alpha``/``beta``/``transA``/``transB``; BatchNormalization's training mode and extra outputs;
 ``auto_pad``; a zero ``Pad`` in front of a Conv; broadcast checks on shapes with symbolic dims.
 
+Nodes of a decomposed nonlinearity that runtimes fuse (GELU, LayerNorm, RMSNorm, ..., found once per graph
+by ``onnx_nonlinear``) are opaque, with the nonlinearity as their label: their constants stay where they are.
+
 ``OnnxContext`` is meant to be reused by other ONNX rewrites (horizontal fusion): it answers "is this
 value a constant, and which stored tensors does it come from" and "what is this value's shape".
 """
@@ -20,6 +23,7 @@ import onnx_ir as ir
 import torch
 
 from branchfold.patterns import canonical
+from branchfold.patterns.onnx_nonlinear import Nonlinearity, protected_nodes
 from branchfold.rewriter.affine import Refusal
 from branchfold.rewriter.region import Op
 
@@ -99,6 +103,14 @@ class OnnxContext:
 
     graph: ir.Graph
     _cache: dict[ir.Value, tuple[np.ndarray | None, frozenset[str]]] = field(default_factory=dict)
+    _protected: dict[ir.Node, Nonlinearity] | None = field(default=None, repr=False)
+    _reported: set[Nonlinearity] = field(default_factory=set, repr=False)
+
+    def nonlinearity(self, node: ir.Node) -> Nonlinearity | None:
+        """The decomposed nonlinearity (GELU, LayerNorm, ...) ``node`` belongs to, found once per graph."""
+        if self._protected is None:
+            self._protected = protected_nodes(self)
+        return self._protected.get(node)
 
     def const(self, v: ir.Value | None) -> np.ndarray | None:
         """The constant a value stands for (float64 for floats), or None if computed from inputs."""
@@ -366,7 +378,21 @@ def recognize(ctx: OnnxContext, node: ir.Node) -> Op:
     except Refusal as r:
         opaque.refusal = r
         return opaque
+    nonlinearity = ctx.nonlinearity(node)
+    if nonlinearity is not None:
+        return _kept_whole(ctx, nonlinearity, opaque, op)
     return op or opaque
+
+
+def _kept_whole(ctx: OnnxContext, nl: Nonlinearity, opaque: Op, would_be: Op | None) -> Op:
+    """A node of a decomposed nonlinearity is opaque: its constants are not folded into or out of it,
+    so runtimes still fuse the chain (Gelu, LayerNormalization, ...). Each such chain in which
+    something looked foldable is reported once."""
+    opaque.label = nl.label
+    if would_be is not None and would_be.kind != "opaque" and nl not in ctx._reported:
+        ctx._reported.add(nl)
+        opaque.refusal = Refusal("fused-pattern", f"{nl.label} kept whole: runtimes fuse it into one op")
+    return opaque
 
 
 def _recognize(ctx: OnnxContext, node: ir.Node, out: ir.Value) -> Op | None:
