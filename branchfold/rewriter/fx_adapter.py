@@ -8,6 +8,7 @@ never written to, and a weight still used elsewhere stays for its other users.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -15,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from branchfold.patterns.fx_ops import FxContext, dtype_of, recognize, shape_of
+from branchfold.patterns import reshapes
+from branchfold.patterns.fx_ops import FxContext, dtype_of, recognize
 from branchfold.rewriter.affine import Conv, Dense, Diagonal, cast_tensor, out_channels
 from branchfold.rewriter.region import NotFolded, Op, Region, SplitSource, WalkResult, find_regions
 
@@ -52,33 +54,136 @@ def graph_ops(ctx: FxContext) -> tuple[list[Op], set[fx.Node]]:
     return ops, outputs
 
 
-_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
-_FLATTENS = _VIEWS | {aten.flatten.using_ints}
-_UNFLATTENS = _VIEWS | {aten.reshape_as.default, aten.view_as.default}
+_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, torch.reshape}
+_VIEWS |= {"view", "reshape"}  # call_method targets
+_FLATTENS = {aten.flatten.using_ints, torch.flatten, "flatten"}
+_RESHAPE_AS = {aten.reshape_as.default, aten.view_as.default, "reshape_as", "view_as"}
+_SIZE_QUERIES = {aten.sym_size.int, "size"}
 
 
 def _through_views(op: Op, taken: set[fx.Node]) -> Op:
     """A last-axis map between a flatten of the leading dims and the reshape back, read as one map of
     the unflattened ``x``: decomposed export writes a linear on a 3-d ``x`` as ``view(addmm(b, view(x,
-    [-1, in]), Wt), [..., out])`` and LeViT writes ``bn(y.flatten(0, 1)).reshape_as(y)``. The map acts on
-    the last axis, so it commutes with the reshapes; branches share their source again, and the
-    region's new op writes the original shape back."""
+    [-1, in]), Wt), [..., out])`` and LeViT writes ``bn(y.flatten(0, 1)).reshape_as(y)``. Whether that
+    is exact is decided by ``reshapes.read_through`` (shared with ONNX); leading sizes may be symbolic
+    (a dynamic batch). Branches share their source again, and the region's new op writes the original
+    shape back."""
     (inner,) = op.inputs
     users = list(op.output.users)
-    if op.map.axis not in (-1, None) or not isinstance(inner, fx.Node) or inner.target not in _FLATTENS:
+    if not isinstance(inner, fx.Node) or _reshape_kind(inner) not in ("flatten", "view"):
         return op
-    if len(users) != 1 or users[0].target not in _UNFLATTENS or users[0].args[0] is not op.output:
+    if len(users) != 1 or _reshape_kind(users[0]) is None or users[0].args[0] is not op.output:
         return op
     x, outer = inner.args[0], users[0]
-    xs, ins, outs = shape_of(x), shape_of(inner), shape_of(outer)
-    if None in (xs, ins, outs) or None in xs or len(xs) < 3 or len(ins) != 2 or ins[1] != xs[-1]:
+    if not isinstance(x, fx.Node) or op.output in outer.args[1:]:
         return op
-    if tuple(outs) != tuple(xs[:-1]) + (out_channels(op.map) or xs[-1],):
+    xs = _dims(x)
+    flat, back = _result_dims(inner, xs), _result_dims(outer)
+    if reshapes.read_through(op.map.axis, xs, flat, out_channels(op.map), back) != "exact":
         return op
     if len(inner.users) == 1:
-        taken.add(inner)  # only the linear reads it: it dies with the linear
+        taken.add(inner)  # only the map reads it: it dies with the map
     taken.add(outer)
+    taken.update(a for a in outer.all_input_nodes if _size_query(a) is not None and len(a.users) == 1)
     return Op(op.key, "affine", (x,), outer, op.map, label=op.label)
+
+
+def _reshape_kind(node: fx.Node) -> str | None:
+    if node.op not in ("call_function", "call_method"):
+        return None
+    t = node.target
+    if any(isinstance(a, torch.dtype) for a in (*node.args, *node.kwargs.values())):
+        return None  # ``x.view(torch.int32)`` reinterprets the bits: not a reshape
+    return "flatten" if t in _FLATTENS else "view" if t in _VIEWS else "as" if t in _RESHAPE_AS else None
+
+
+def _result_dims(node: fx.Node, xs: reshapes.Shape | None = None) -> tuple[reshapes.Dim, ...] | None:
+    """The shape a flatten / view / reshape(_as) produces, from its arguments and its recorded shape."""
+    kind, args = _reshape_kind(node), node.args[1:]
+    if kind == "as":
+        target = _dims(args[0] if args else node.kwargs.get("other"))
+    elif kind == "flatten":
+        target = _flattened(xs, node)
+    else:
+        sizes = args[0] if len(args) == 1 else args or node.kwargs.get("shape", node.kwargs.get("size"))
+        target = _sizes(sizes)
+    return reshapes.merge_target(target, _dims(node))
+
+
+def _flattened(xs: reshapes.Shape | None, node: fx.Node) -> tuple[reshapes.Dim, ...] | None:
+    if xs is None or not xs:
+        return None
+    start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+    end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+    if not isinstance(start, int) or not isinstance(end, int):
+        return None
+    start, end = start % len(xs), end % len(xs)
+    return tuple(xs[:start]) + ((None,) if start < end else tuple(xs[start:end + 1])) + tuple(xs[end + 1:])
+
+
+def _sizes(sizes) -> tuple[reshapes.Dim, ...] | None:
+    """A reshape target: a list of sizes (ints, ``-1``, SymInt nodes), one size, or a node standing for
+    a whole shape (``y.shape``, ``y.size()``)."""
+    if isinstance(sizes, (list, tuple)):
+        return tuple(_size(s) for s in sizes)
+    query = _size_query(sizes, whole=True)
+    if query is not None:
+        return _dims(query[0])
+    one = _size(sizes)
+    return None if one is None else (one,)
+
+
+def _size(a) -> reshapes.Dim:
+    """One size argument as a neutral dim: ``-1`` is ``INFER``, a SymInt its symbolic expression."""
+    if isinstance(a, fx.Node):
+        val = a.meta.get("val", a.meta.get("example_value"))
+        if isinstance(val, (int, torch.SymInt)) and not isinstance(val, bool):
+            a = val
+        else:
+            query = _size_query(a)
+            dims = _dims(query[0]) if query is not None else None
+            i = query[1] if query is not None else None
+            known = dims is not None and isinstance(i, int) and -len(dims) <= i < len(dims)
+            return dims[i] if known else None
+    if isinstance(a, bool) or not isinstance(a, (int, torch.SymInt)):
+        return None
+    d = _dim(a)
+    return reshapes.INFER if d == -1 else d
+
+
+def _size_query(n, whole: bool = False) -> tuple[fx.Node, int | None] | None:
+    """``(t, i)`` where ``n`` is the size ``i`` of tensor ``t`` (``sym_size``, ``t.size(i)``,
+    ``t.shape[i]``); with ``whole``, ``(t, None)`` where ``n`` is ``t.shape`` or ``t.size()``."""
+    if not isinstance(n, fx.Node) or n.op not in ("call_function", "call_method") or not n.args:
+        return None
+    t, rest = n.args[0], n.args[1:]
+    if n.target in _SIZE_QUERIES and isinstance(t, fx.Node) and len(rest) == int(not whole):
+        return t, (rest[0] if rest else None)
+    if whole and n.target is getattr and rest == ("shape",) and isinstance(t, fx.Node):
+        return t, None
+    if not whole and n.target is operator.getitem and len(rest) == 1 and isinstance(rest[0], int):
+        whole_query = _size_query(t, whole=True)
+        return (whole_query[0], rest[0]) if whole_query is not None else None
+    return None
+
+
+def _dim(d) -> reshapes.Dim:
+    """A static size, or the symbolic expression of a SymInt (equal expressions are equal sizes)."""
+    if isinstance(d, torch.SymInt):
+        expr = getattr(getattr(d, "node", None), "expr", None)
+        if expr is None:
+            return None
+        return int(expr) if getattr(expr, "is_number", False) else expr
+    return int(d) if isinstance(d, int) else None
+
+
+def _dims(n) -> tuple[reshapes.Dim, ...] | None:
+    """A node's recorded shape with symbolic sizes kept (``shape_of`` turns them into None)."""
+    if not isinstance(n, fx.Node):
+        return None
+    val = n.meta.get("val", n.meta.get("example_value"))
+    shape = val.shape if isinstance(val, torch.Tensor) else getattr(n.meta.get("tensor_meta"), "shape", None)
+    return None if shape is None else tuple(_dim(d) for d in shape)
 
 
 def _returns_tuple(node: fx.Node) -> bool:

@@ -18,6 +18,7 @@ import torch
 
 from branchfold.patterns.onnx_ops import OnnxContext, mark_shared, recognize
 from branchfold.rewriter.affine import Conv, Dense, Diagonal
+from branchfold.rewriter.onnx_reshapes import UnflattenedOp, read_through_reshapes
 from branchfold.rewriter.region import NotFolded, Op, Region, SplitSource, WalkResult, find_regions
 
 
@@ -61,6 +62,7 @@ def graph_ops(ctx: OnnxContext) -> tuple[list[Op], set[ir.Value]]:
         if op.kind == "affine" and op.label == "conv" and op.inputs[0] is not op.key.inputs[0]
     }
     ops = [op for op in ops if op.key not in absorbed]
+    ops = read_through_reshapes(ctx, ops)  # Reshape → last-axis map → Reshape: a map of the unflattened value
     mark_shared(ctx, ops)
     return ops, set(ctx.graph.outputs)
 
@@ -101,6 +103,9 @@ class Emitter:
         self.counter = 0
         self.replaced: dict[ir.Value, ir.Value] = {}
         self.plain: dict[ir.Node, ir.Value] = {}  # LayerNormalization node -> the same without γ, β
+        # values a region writes at their unflattened shape (a reshape that reads only their order follows)
+        ops = walk.ops_by_key.values()
+        self.unflattened = {op.output: op.shape for op in ops if isinstance(op, UnflattenedOp)}
 
     def fresh(self, hint: str) -> str:
         while True:
@@ -117,6 +122,8 @@ class Emitter:
             self.nodes: list[ir.Node] = []
             src = self._source(region.source, value.dtype)
             new = self._apply(region.map, src, value)
+            if value in self.unflattened and new is not src:
+                new.shape = self.unflattened[value]
             if self.nodes:
                 self.graph.insert_before(value.producer(), self.nodes)
             self._replace(value, new)
