@@ -26,6 +26,7 @@ from benchmarks.timing import environment
 OTHERS = {
     "Inductor compile with the branchfold backend": "bench_compile",
     "Horizontal fusion": "bench_horizontal",
+    "onnxruntime: do no harm": "bench_ort_harm",
 }
 
 

@@ -4,6 +4,10 @@ The reference is the *original* model run by onnxruntime with every graph optimi
 that onnxruntime's own fusions hide nothing; the folded model runs the same way on the same random
 inputs (declared shapes, dynamic dims given small sizes). The caller's model object is never changed:
 the fold works on a copy and returns the kind it was given (``onnx.ModelProto`` or ``onnx_ir.Model``).
+
+Exact is not enough: a verified fold must also keep every fusion onnxruntime's optimizer makes of the
+original (``runtime_guard``), or the "smaller" model runs slower. The guard is one more predicate next
+to "this subset of regions verifies", and the same bisection undoes the regions that fail it.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -22,15 +27,50 @@ from branchfold.passes import verify as checks
 from branchfold.passes.onnx import fold_passes
 from branchfold.passes.onnx_horizontal import HorizontalFusionPass
 from branchfold.passes.pipeline import FoldResult, add_horizontal
+from branchfold.passes.runtime_guard import FusionGuard, Loss, check_transformer_type
 from branchfold.passes.undo import bisect_passing, only
-from branchfold.patterns.horizontal import HorizontalMode, check_mode
+from branchfold.patterns.horizontal import HorizontalMode, HorizontalResult, check_mode
 from branchfold.report import FoldReport, Skipped, Totals, region_report, skipped_report
+from branchfold.rewriter.onnx_adapter import OnnxFoldResult
 from branchfold.rewriter.region import Region
 
 Progress = Callable[[str], None]
 KNOWN_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "ai.onnx.preview.training"}
 DYNAMIC_DIM = 2  # size given to symbolic / unknown dims when making random inputs
 _LOW = {onnx.TensorProto.FLOAT16: torch.float16, onnx.TensorProto.BFLOAT16: torch.bfloat16}
+
+
+@dataclass
+class _Attempt:
+    """One fold of a fresh copy of the original: the model and what the two passes did."""
+
+    model: ir.Model
+    result: OnnxFoldResult
+    fused: HorizontalResult
+
+
+class _Folds:
+    """Folds of fresh copies of the original, keeping only the regions a filter selects (the undo path)."""
+
+    def __init__(self, proto: onnx.ModelProto, horizontal: HorizontalMode) -> None:
+        self.proto = proto
+        self.pristine = proto.SerializeToString() if not _large(proto) else None
+        self.horizontal = horizontal  # set to "off" once horizontal fusion is given up
+
+    def fresh(self) -> ir.Model:
+        if self.pristine is not None:
+            return ir.from_proto(onnx.ModelProto.FromString(self.pristine))
+        copy = onnx.ModelProto()
+        copy.CopyFrom(self.proto)
+        return ir.from_proto(copy)
+
+    def __call__(self, select: Callable[[Region], bool] | None) -> _Attempt:
+        candidate = self.fresh()
+        passes = fold_passes(select)
+        passes(candidate)
+        fuse = HorizontalFusionPass(self.horizontal, infer_shapes=False)
+        fuse(candidate)
+        return _Attempt(candidate, passes.passes[0].result, fuse.result)
 
 
 def fold_onnx(
@@ -41,13 +81,20 @@ def fold_onnx(
     random_checks: int = 2,
     progress: Progress | None = None,
     horizontal: HorizontalMode = "auto",
+    runtime_guard: bool = True,
+    transformer_guard: str | None = None,
 ) -> FoldResult:
     """Fold an ONNX model; ``FoldResult.model`` is the same kind as ``model``, which is left as it was.
 
     ``horizontal`` ("auto", "on", "off") fuses MatMul/Gemm/Conv siblings into one op + Split; "auto"
-    follows the measured ONNX policy.
+    follows the measured ONNX policy. ``runtime_guard`` (with ``verify``): undo, as ``lost-fusion``, the
+    regions whose rewrite makes onnxruntime's optimizer lose a fusion it makes of the original (see
+    ``runtime_guard``). ``transformer_guard`` ("bert", "gpt2", ...): the same for onnxruntime's
+    transformer optimizer with that ``model_type``; it runs whenever given, with or without ``verify``.
     """
     check_mode(horizontal)
+    if transformer_guard is not None:
+        check_transformer_type(transformer_guard)
     say = progress or (lambda _msg: None)
     if isinstance(model, ir.Model):
         proto = ir.to_proto(model)
@@ -57,67 +104,122 @@ def fold_onnx(
     else:
         raise InputError(f"expected an onnx.ModelProto or onnx_ir.Model, got {type(model).__name__}")
     check_domains(proto)
-    pristine = proto.SerializeToString() if not _large(proto) else None
-
-    def fresh() -> ir.Model:
-        if pristine is not None:
-            return ir.from_proto(onnx.ModelProto.FromString(pristine))
-        copy = onnx.ModelProto()
-        copy.CopyFrom(proto)
-        return ir.from_proto(copy)
-
-    fuse_mode = horizontal
-
-    def attempt(select: Callable[[Region], bool] | None):
-        candidate = fresh()
-        passes = fold_passes(select)
-        passes(candidate)
-        fuse = HorizontalFusionPass(fuse_mode, infer_shapes=False)
-        fuse(candidate)
-        return candidate, passes.passes[0].result, fuse.result
+    folds = _Folds(proto, horizontal)
 
     say("folding")
-    folded, result, fused = attempt(None)
-    undone: list[tuple[Region, str]] = []
+    current = folds(None)
+    undone: list[Skipped] = []
+    notes: list[str] = []
     outcome = None
+    checker = None
     if verify:
         say("verifying with onnxruntime")
         checker = _Checker(proto, seed, random_checks, tolerance)
-        outcome = checker.check(folded)
-        if not outcome.ok and fused.fused:
-            say("undoing horizontal fusion")
-            fuse_mode = "off"  # a speed rewrite is the first thing to give up
-            folded, result, fused = attempt(None)
-            outcome = checker.check(folded)
-        if not outcome.ok and result.regions:
-            say("undoing regions that failed the check")
-            names = result.names
-            good = bisect_passing(names, lambda keep: checker.check(attempt(only(keep))[0]).ok)
-            undone = [(r, n) for r, n in zip(result.regions, names) if n not in good]
-            folded, result, fused = attempt(only(good))
-            outcome = checker.check(folded)
-        if not outcome.ok and (result.regions or fused.fused):
-            say("the remaining rewrites fail together: writing the model unfolded")
-            undone += list(zip(result.regions, result.names))
-            fuse_mode = "off"
-            folded, result, fused = attempt(only([]))
-            outcome = checker.check(folded)
+        current, outcome, failed = _verified(folds, current, checker, say)
+        undone += failed
+    guarded = (verify and runtime_guard) or transformer_guard is not None
+    if guarded and (outcome is None or outcome.ok) and (current.result.regions or current.fused.fused):
+        say("comparing onnxruntime's fusions with the original's")
+        guard = FusionGuard(proto, runtime=verify and runtime_guard, transformer=transformer_guard)
+        notes += guard.notes
+        before = current
+        current, lost, note = _keep_fusions(folds, current, guard, say) if guard else (current, [], None)
+        undone += lost
+        notes += [note] if note else []
+        if checker is not None and current is not before:
+            outcome = checker.check(current.model)
+            if not outcome.ok and (current.result.regions or current.fused.fused):
+                current, outcome, failed = _unfolded(folds, current, checker, say)
+                undone += failed
     say("writing the report")
-    folded_proto = ir.to_proto(folded)
+    folded_proto = ir.to_proto(current.model)
+    result = current.result
     report = FoldReport(
         folded=[region_report(r, n) for r, n in zip(result.regions, result.names)],
         not_folded=[skipped_report(n, _where(n.where)) for n in result.not_folded],
         before=totals(proto),
         after=totals(folded_proto),
+        notes=notes,
     )
-    report.not_folded += [
-        Skipped(n, "failed-check", "folded result differed from the original; undone", list(r.labels))
-        for r, n in undone
-    ]
-    add_horizontal(report, fused)
+    report.not_folded[:0] = undone  # rewrites undone come first: the rendered table shows the first few
+    add_horizontal(report, current.fused)
     if outcome is not None:
         report.max_error, report.tolerance, report.verified = outcome.error, outcome.tolerance, outcome.ok
-    return FoldResult(folded if as_ir else folded_proto, report)
+    return FoldResult(current.model if as_ir else folded_proto, report)
+
+
+def _failed(region: Region, name: str) -> Skipped:
+    return Skipped(name, "failed-check", "folded result differed from the original; undone", list(region.labels))
+
+
+def _verified(folds: _Folds, current: _Attempt, checker: _Checker, say: Progress):
+    """The fold with every rewrite that fails the check undone: horizontal fusion first, then the failing
+    regions (bisection), then everything if the rest still fails together."""
+    outcome = checker.check(current.model)
+    failed: list[Skipped] = []
+    if not outcome.ok and current.fused.fused:
+        say("undoing horizontal fusion")
+        folds.horizontal = "off"  # a speed rewrite is the first thing to give up
+        current = folds(None)
+        outcome = checker.check(current.model)
+    if not outcome.ok and current.result.regions:
+        say("undoing regions that failed the check")
+        names = current.result.names
+        good = bisect_passing(names, lambda keep: checker.check(folds(only(keep)).model).ok)
+        failed = [_failed(r, n) for r, n in zip(current.result.regions, names) if n not in good]
+        current = folds(only(good))
+        outcome = checker.check(current.model)
+    if not outcome.ok and (current.result.regions or current.fused.fused):
+        current, outcome, rest = _unfolded(folds, current, checker, say)
+        failed += rest
+    return current, outcome, failed
+
+
+def _unfolded(folds: _Folds, current: _Attempt, checker: _Checker, say: Progress):
+    """The model unfolded, never a failing one: every remaining rewrite is undone and reported."""
+    say("the remaining rewrites fail together: writing the model unfolded")
+    failed = [_failed(r, n) for r, n in zip(current.result.regions, current.result.names)]
+    folds.horizontal = "off"
+    current = folds(only([]))
+    return current, checker.check(current.model), failed
+
+
+def _keep_fusions(folds: _Folds, current: _Attempt, guard: FusionGuard, say: Progress):
+    """The fold with every rewrite that costs a runtime fusion undone, found as failed checks are: horizontal
+    fusion first, then the regions by bisection (each region's detail names what it cost on its own), then
+    everything if the rest still loses a fusion together. One optimization per candidate, memoized."""
+    harm = guard.losses(ir.to_proto(current.model))
+    note = None
+    if harm and current.fused.fused:
+        say("undoing horizontal fusion (it cost an onnxruntime fusion)")
+        note = f"horizontal fusion undone: {_describe(harm)}"
+        folds.horizontal = "off"
+        current = folds(only(current.result.names))
+        harm = guard.losses(ir.to_proto(current.model))
+    if not harm:
+        return current, [], note
+    say("undoing regions that cost an onnxruntime fusion")
+    names = current.result.names
+    seen: dict[tuple[str, ...], list[Loss]] = {tuple(names): harm}
+
+    def keeps(keep: list[str]) -> bool:
+        if tuple(keep) not in seen:
+            seen[tuple(keep)] = guard.losses(ir.to_proto(folds(only(keep)).model))
+        return not seen[tuple(keep)]
+
+    good = bisect_passing(names, keeps)
+    if good and not keeps(good):  # the passing regions still lose a fusion together: keep none
+        good = []
+    lost = [
+        Skipped(n, "lost-fusion", _describe(seen.get((n,)) or harm), list(r.labels))
+        for r, n in zip(current.result.regions, names)
+        if n not in good
+    ]
+    return folds(only(good)), lost, note
+
+
+def _describe(losses: list[Loss]) -> str:
+    return "; ".join(str(loss) for loss in losses)
 
 
 def _where(key) -> str:
