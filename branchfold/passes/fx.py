@@ -11,8 +11,10 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils import _pytree as pytree
 
+from branchfold.passes.fx_inplace import CATEGORY as IN_PLACE
+from branchfold.passes.fx_inplace import FunctionalizeInPlacePass, Mutations
 from branchfold.rewriter.fx_adapter import FxFoldResult, fold_graph
-from branchfold.rewriter.region import Region
+from branchfold.rewriter.region import NotFolded, Region
 
 
 def has_shapes(gm: fx.GraphModule) -> bool:
@@ -39,6 +41,9 @@ class ShapePropPass(PassBase):
 class FoldBranchesPass(PassBase):
     """Folds parallel linear branches and linear chains into single ops.
 
+    In-place arithmetic that provably writes a private value is first rewritten out of place
+    (``passes.fx_inplace``), so ``out += branch(x)`` folds like ``out = out + branch(x)``; regions that
+    would move a read across an in-place write that stays are not folded (category ``in-place``).
     ``constants`` names placeholders whose tensors are fixed (dynamo graphs pass weights as inputs).
     ``select`` can veto individual regions (used to undo a region that failed its check).
     The last result (regions folded and not folded) is kept on ``self.result``.
@@ -55,11 +60,25 @@ class FoldBranchesPass(PassBase):
         self.result: FxFoldResult | None = None
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
-        self.result = fold_graph(graph_module, self.constants, self.select)
+        functionalize = FunctionalizeInPlacePass()
+        rewritten = functionalize.call(graph_module).modified  # ``out += branch(x)`` folds like ``+``
+        mutations = Mutations(graph_module)
+        vetoed: list[NotFolded] = []
+
+        def select(region: Region) -> bool:
+            if self.select is not None and not self.select(region):
+                return False
+            why = mutations.region_conflict(region)
+            if why:
+                vetoed.append(NotFolded(region.value, IN_PLACE, why, region.labels))
+            return not why
+
+        self.result = fold_graph(graph_module, self.constants, select if mutations else self.select)
+        self.result.not_folded += functionalize.refused + vetoed
         modified = bool(self.result.regions)
         if modified:
             graph_module.recompile()
-        return PassResult(graph_module, modified)
+        return PassResult(graph_module, modified or rewritten)
 
 
 class PlainCallingConventionPass(PassBase):

@@ -21,6 +21,7 @@ import torch
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from branchfold.passes.fx_inplace import FunctionalizeInPlacePass, Mutations
 from branchfold.patterns import horizontal
 from branchfold.patterns.fx_ops import FxContext, recognize
 from branchfold.patterns.horizontal import (
@@ -67,9 +68,12 @@ class HorizontalFusionPass(PassBase):
         self.result = HorizontalResult()
         if self.mode == "off":
             return PassResult(graph_module, False)
+        # ``y = a(x); y.add_(b(x))`` is a sum, and must be seen as one
+        rewritten = FunctionalizeInPlacePass().call(graph_module).modified
         ctx = FxContext(graph_module, self.constants)
         writer = _Writer(graph_module, ctx)
-        for (source, *_), members in _candidates(ctx).items():
+        for (source, *_), members in _candidates(ctx, Mutations(graph_module)).items():
+            members = horizontal.without_parallel_sums(members, _output, _users, lambda n: _summed(ctx, n))
             for group in horizontal.groups(members):
                 fused = horizontal.concat(group)
                 kind = "dense" if isinstance(fused.map, Dense) else "conv"
@@ -83,7 +87,7 @@ class HorizontalFusionPass(PassBase):
         if modified:
             writer.finish()
             graph_module.recompile()
-        return PassResult(graph_module, modified)
+        return PassResult(graph_module, modified or rewritten)
 
 
 def _weight_info(ctx: FxContext, node: fx.Node) -> tuple[torch.dtype, torch.device] | None:
@@ -97,8 +101,26 @@ def _weight_info(ctx: FxContext, node: fx.Node) -> tuple[torch.dtype, torch.devi
     return None
 
 
-def _candidates(ctx: FxContext) -> dict[tuple, list[Member]]:
-    """Linears/convs with constant weights, by the (value, weight dtype, device) they read, in graph order."""
+def _output(m: Member) -> fx.Node:
+    return m.key
+
+
+def _users(v: fx.Node) -> list[fx.Node]:
+    return list(v.users)
+
+
+def _summed(ctx: FxContext, node: fx.Node) -> tuple[tuple[fx.Node, ...], fx.Node] | None:
+    op = recognize(ctx, node) if node.op in ("call_function", "call_method") else None
+    return (op.inputs, node) if op is not None and op.kind in ("add", "sub") else None
+
+
+def _candidates(ctx: FxContext, mutations: Mutations) -> dict[tuple, list[Member]]:
+    """Linears/convs with constant weights, by the (value, weight dtype, device) they read, in graph order.
+
+    Where an in-place op writes the value between two readers, they read different contents: the key
+    also holds how many writes precede the reader. A member whose own output is written in place stays
+    alone (the write would land in a split view).
+    """
     found: dict[tuple, list[Member]] = {}
     for node in ctx.gm.graph.nodes:
         if node.op not in ("call_function", "call_method", "call_module"):
@@ -110,8 +132,11 @@ def _candidates(ctx: FxContext) -> dict[tuple, list[Member]]:
         info = _weight_info(ctx, node)
         if not isinstance(x, fx.Node) or ctx.const(x) is not None or info is None:
             continue
+        pos = mutations.order[node]
+        if mutations.written_after(node, pos) is not None:
+            continue
         has_bias = bool((op.map.bias != 0).any())
-        found.setdefault((x, *info), []).append(Member(node, op.map, has_bias))
+        found.setdefault((x, *info, mutations.epoch(x, pos)), []).append(Member(node, op.map, has_bias))
     return found
 
 

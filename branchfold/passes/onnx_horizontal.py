@@ -70,6 +70,7 @@ class HorizontalFusionPass(ir.passes.InPlacePass):
         ctx = OnnxContext(graph)
         writer = _Writer(graph, _opset(model))
         for (source, _), members in _candidates(ctx, graph).items():
+            members = horizontal.without_parallel_sums(members, _output, _users, _summed)
             for group in horizontal.groups(members):
                 fused = horizontal.concat(group)
                 go = self.mode == "on" or horizontal.pays(fused, self.policy)
@@ -114,6 +115,28 @@ def _candidates(ctx: OnnxContext, graph: ir.Graph) -> dict[tuple, list[Member]]:
         has_bias = bool((m.bias != 0).any())
         found.setdefault((x, out.dtype), []).append(Member(_Site(node, last), m, has_bias))
     return found
+
+
+_GRAPH_OUTPUT = "graph output"  # a consumer that is not a sum
+
+
+def _output(m: Member) -> ir.Value:
+    return m.key.last.outputs[0]
+
+
+def _users(v: ir.Value) -> list:
+    found: list = [use.node for use in v.uses()]
+    return found + [_GRAPH_OUTPUT] if v.is_graph_output() else found
+
+
+def _summed(node) -> tuple[tuple[ir.Value, ...], ir.Value] | None:
+    if not isinstance(node, ir.Node) or node.domain not in ("", "ai.onnx"):
+        return None  # a graph output
+    if node.op_type not in ("Add", "Sub"):
+        return None
+    if len(node.inputs) != 2 or any(v is None for v in node.inputs):
+        return None
+    return tuple(node.inputs), node.outputs[0]  # type: ignore[return-value]
 
 
 class _Writer:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from branchfold.patterns import canonical
+from branchfold.patterns.fx_alias import alias_class, written
 from branchfold.rewriter.affine import Refusal
 from branchfold.rewriter.region import Op
 
@@ -48,6 +49,7 @@ class FxContext:
     gm: fx.GraphModule
     constants: Mapping[str, torch.Tensor] = field(default_factory=dict)  # placeholder name -> tensor
     _cache: dict[fx.Node, torch.Tensor | None] = field(default_factory=dict)
+    _writes: set[fx.Node] | None = None
 
     def const(self, a: Any) -> torch.Tensor | None:
         """The constant tensor an argument stands for, or None if it is computed from inputs."""
@@ -59,6 +61,8 @@ class FxContext:
         return value
 
     def _const(self, n: fx.Node) -> torch.Tensor | None:
+        if n.op in ("get_attr", "placeholder") and n in self._written():
+            return None  # written in place by the graph itself (``self.s.mul_(...)`` in forward): not a constant
         if n.op == "get_attr":
             value = _get_attr(self.gm, n.target)
             return value if isinstance(value, torch.Tensor) else None
@@ -77,6 +81,15 @@ class FxContext:
             if n.op == "call_function":
                 return n.target(*args, **kwargs)
             return getattr(args[0], n.target)(*args[1:], **kwargs)
+
+    def _written(self) -> set[fx.Node]:
+        """Stored tensors and inputs that some op of the graph writes (or writes a view of)."""
+        if self._writes is None:
+            self._writes = set()
+            for node in self.gm.graph.nodes:
+                for t in written(node, self.gm):
+                    self._writes |= {m for m in alias_class(t, self.gm) if m.op in ("get_attr", "placeholder")}
+        return self._writes
 
     def module(self, n: fx.Node) -> nn.Module:
         return self.gm.get_submodule(n.target)
@@ -100,6 +113,18 @@ def shape_of(n: Any) -> tuple[int | None, ...] | None:
     if shape is None:
         return None
     return tuple(d if isinstance(d, int) else None for d in shape)
+
+
+def symbolic_shape(n: Any) -> tuple[int | str, ...] | None:
+    """The recorded shape with each free dim as its size expression (``s0``, ``2*s0``): two free dims
+    are the same size only where export proved them so, and it then writes the same expression."""
+    if not isinstance(n, fx.Node):
+        return None
+    val = n.meta.get("val", n.meta.get("example_value"))
+    shape = getattr(val, "shape", None)
+    if shape is None:
+        return shape_of(n)
+    return tuple(str(d.node.expr) if isinstance(d, torch.SymInt) else int(d) for d in shape)
 
 
 def dtype_of(n: Any) -> torch.dtype | None:
@@ -253,10 +278,12 @@ UNARY[torch.avg_pool1d] = (_avg_pool, _POOL, "avg_pool")
 
 _LAYER_NORM = {F.layer_norm, aten.layer_norm.default, aten.native_layer_norm.default}  # native: a tuple
 
-ADD = {operator.add, torch.add, aten.add.Tensor, operator.iadd, "add", "add_"}
-SUB = {operator.sub, torch.sub, aten.sub.Tensor, operator.isub, "sub", "sub_"}
-MUL = {operator.mul, torch.mul, aten.mul.Tensor, operator.imul, "mul", "mul_"}
-DIV = {operator.truediv, torch.div, aten.div.Tensor, operator.itruediv, "div", "div_", "truediv"}
+# Out-of-place forms only: an in-place op (``+=``, ``add_``, ``aten.add_.Tensor``) also writes its input, which
+# a fold would not; ``passes.fx_inplace`` rewrites the ones that are provably private into these forms.
+ADD = {operator.add, torch.add, aten.add.Tensor, aten.add.Scalar, "add"}
+SUB = {operator.sub, torch.sub, aten.sub.Tensor, aten.sub.Scalar, "sub"}
+MUL = {operator.mul, torch.mul, aten.mul.Tensor, aten.mul.Scalar, "mul"}
+DIV = {operator.truediv, torch.div, aten.div.Tensor, aten.div.Scalar, "div", "truediv"}
 NEG = {operator.neg, torch.neg, aten.neg.default, "neg"}
 
 
@@ -350,14 +377,16 @@ def _const_operand(ctx: FxContext, v: Any) -> torch.Tensor | float | None:
 def _add_sub(ctx: FxContext, node: fx.Node, kind: str) -> Op | None:
     a, b, kw = _operands(node)
     alpha = kw.get("alpha", node.args[2] if len(node.args) > 2 else 1)
-    if alpha != 1 or "out" in kw:
-        return None
+    if "out" in kw:
+        raise Refusal("unsupported-args", f"{kind} with out= writes a given tensor")
+    if alpha != 1:
+        raise Refusal("unsupported-args", f"{kind} with alpha={alpha}")
     ca, cb = _const_operand(ctx, a), _const_operand(ctx, b)
     if ca is None and cb is None:
         if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
             return None
-        if shape_of(a) is not None and shape_of(a) != shape_of(b):
-            raise Refusal("broadcast", f"sum of values of shapes {shape_of(a)} and {shape_of(b)}")
+        if shape_of(a) is not None and symbolic_shape(a) != symbolic_shape(b):
+            raise Refusal("broadcast", f"sum of values of shapes {symbolic_shape(a)} and {symbolic_shape(b)}")
         return Op(node, kind, (a, b), node, label=kind)
     if ca is not None and cb is not None:
         return None
@@ -378,6 +407,8 @@ def _mul_div(ctx: FxContext, node: fx.Node, div: bool) -> Op | None:
     a, b, kw = _operands(node)
     if "rounding_mode" in kw and kw["rounding_mode"] is not None:
         return None
+    if "out" in kw:
+        raise Refusal("unsupported-args", f"{'div' if div else 'mul'} with out= writes a given tensor")
     ca, cb = _const_operand(ctx, a), _const_operand(ctx, b)
     if (ca is None) == (cb is None):
         return None

@@ -5,6 +5,9 @@ trades N small GEMMs/convs for one wide one. So it is decided in two steps: *can
 along their output channels (``groups``), and *does it pay* (``pays``), a rule read off the measurements
 of ``benchmarks/bench_horizontal.py`` and kept here as data so that it can be re-measured and changed.
 
+Ops whose outputs only meet each other in sums (``a(x) + b(x)``, ``y = a(x); y.add_(b(x))``) are not a
+group at all: they are a parallel sum, which the branch fold turns into one op (``without_parallel_sums``).
+
 The adapters (``passes/fx_horizontal.py``, ``passes/onnx_horizontal.py``) recognize ops into
 ``Dense`` / ``Conv`` maps with the shared recognizers, call ``groups`` and ``concat``, and write the
 fused op plus a split back in their own graph kind.
@@ -12,7 +15,7 @@ fused op plus a split back in their own graph kind.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -82,6 +85,35 @@ def groups(members: Sequence[Member]) -> list[list[Member]]:
         if sig is not None:
             by_sig.setdefault(sig, []).append(m)
     return [g for g in by_sig.values() if len(g) >= 2]
+
+
+def without_parallel_sums(
+    members: Sequence[Member],
+    output: Callable[[Member], Hashable],
+    users: Callable[[Hashable], Iterable[Hashable]],
+    summed: Callable[[Hashable], tuple[tuple[Hashable, ...], Hashable] | None],
+) -> list[Member]:
+    """The members less those whose outputs meet only in sums with each other (``a(x) + b(x)``).
+
+    Such ops are a parallel sum, which the branch fold turns into one op with the summed weights; a
+    wide op + split + add would keep the add and the full output width. ``output(member)`` is the value a
+    member computes, ``users(value)`` its consumers (a graph output counts as one that is not a sum),
+    ``summed(consumer)`` the operands and result of an add/sub consumer (None for any other).
+    """
+    sums = {output(m) for m in members}  # values that are sums of members' outputs
+    pending = list(sums)
+    while pending:
+        for consumer in users(pending.pop()):
+            got = summed(consumer)
+            if got is not None and got[1] not in sums and all(v in sums for v in got[0]):
+                sums.add(got[1])
+                pending.append(got[1])
+
+    def only_summed(m: Member) -> bool:
+        consumers = list(users(output(m)))
+        return bool(consumers) and all((got := summed(c)) is not None and got[1] in sums for c in consumers)
+
+    return [m for m in members if not only_summed(m)]
 
 
 def concat(members: Sequence[Member]) -> Fused:
