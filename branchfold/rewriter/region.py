@@ -1,4 +1,4 @@
-"""The frontend-neutral region walk (DESIGN.md §2, "finding regions by abstract interpretation").
+"""The frontend-neutral region walk (docs/design.md §4, "finding regions by abstract interpretation").
 
 Adapters describe their graph as a topologically ordered list of ``Op``s over hashable value ids.
 The walk gives every value an expression "affine map M of source s" and returns the values where a
@@ -6,10 +6,13 @@ region ends (used by something that cannot absorb it, or a graph output) togethe
 map. One walk covers parallel sums, chains, identity shortcuts and nesting.
 
 Two decisions cannot be made locally, so the walk runs to a fixpoint over two sets of values. A region
-whose fused map is costlier than the ops it replaces makes the operands of its last op *boundaries*
-(no consumer may absorb them; each still folds on its own), and a split source (LayerNorm's
-normalisation under its affine) that would be needed both folded and unfolded makes its op *opaque*.
-Each round adds at least one value to a set, and in practice two or three rounds suffice.
+whose fused map is costlier than the ops it replaces is cut into *boundaries* (values no consumer may
+absorb; each piece still folds on its own): where it ends in a chain of affine ops, at the cuts that make
+the pieces cheapest in total (a dynamic programme over the chain, so that in ``project conv → BN → expand
+conv → BN`` both conv→BN pairs fold where the whole chain would cost a wide conv), otherwise at the
+operands of its last op. A split source (LayerNorm's normalisation under its affine) that would be needed
+both folded and unfolded makes its op *opaque*. Each round adds at least one value to a set (every cut
+value was absorbed in the round that cut it), and in practice two or three rounds suffice.
 """
 
 from __future__ import annotations
@@ -279,8 +282,9 @@ class _Walk:
             after = e.map.macs()
             if after > e.cost:
                 last = self.defined_by[v]
-                boundaries.update(self.absorbed.get(last.key, ()))
-                if not self.absorbed.get(last.key):
+                cuts = self._cheapest_cuts(v)
+                boundaries.update(cuts or self.absorbed.get(last.key, ()))
+                if not cuts and not self.absorbed.get(last.key):
                     opaque.add(v)
                 labels = tuple(self._label(k) for k in e.ops)
                 cost_refusals.append(
@@ -293,3 +297,66 @@ class _Walk:
 
     def _label(self, key: Hashable) -> str:
         return self.by_key[key].label
+
+    def _chain_to(self, v: Hashable) -> list[Hashable]:
+        """The values of the chain of single-input affine ops that ends at ``v``, first to last: each was
+        absorbed by the next. The first one's expression may be anything (a sum, a split source)."""
+        chain = [v]
+        while True:
+            op = self.defined_by[chain[-1]]
+            taken = self.absorbed.get(op.key, [])
+            if op.kind != "affine" or op.split or len(taken) != 1:
+                break
+            chain.append(taken[0])
+        return chain[::-1]
+
+    def _cheapest_cuts(self, v: Hashable) -> set[Hashable]:
+        """The values to cut the chain ending at the refused ``v`` at, so that its pieces cost least.
+
+        ``best[j]``: the cheapest cost of the chain's first ``j + 1`` values cut into pieces, each piece
+        either one op or a fold that is not costlier than its ops. O(n²) compositions for a chain of n ops
+        (chains are short). Empty when ``v`` does not end a chain of two or more ops."""
+        chain = self._chain_to(v)
+        if len(chain) < 2:
+            return set()
+        first = self.exprs[chain[0]]
+        inf = float("inf")
+        best: list[float] = [min(first.cost, first.map.macs()) if len(first.ops) > 1 else first.cost]
+        start: list[int] = [0]
+        for j in range(1, len(chain)):
+            best.append(inf)
+            start.append(j)
+            for i in range(j + 1):
+                piece = self._piece_cost(chain, i, j)
+                before = best[i - 1] if i > 0 else 0
+                if before + piece < best[j]:
+                    best[j], start[j] = before + piece, i
+        cuts, j = set(), len(chain) - 1
+        while j >= 0:
+            i = start[j]
+            if i > 0:
+                cuts.add(chain[i - 1])
+            j = i - 1
+        return cuts
+
+    def _piece_cost(self, chain: list[Hashable], i: int, j: int) -> float:
+        """Cost of values ``chain[i..j]`` computed as one op (inf where that fold is refused or costlier)."""
+        ops = [self.defined_by[c] for c in chain[i : j + 1]]
+        if i == 0:
+            e = self.exprs[chain[0]]
+            m, raw, shared, ops = e.map, e.cost, e.shared, ops[1:]
+            if not ops:
+                return float("inf")  # the first value alone is priced in ``best[0]``
+        else:
+            m, raw, shared, ops = ops[0].map, ops[0].map.macs(), ops[0].shared, ops[1:]
+            if not ops:
+                return raw
+        try:
+            for op in ops:
+                shared = _sharing(shared, op.shared)
+                m = compose_maps(op.map, m)
+                raw += op.map.macs()
+        except Refusal:
+            return float("inf")
+        fused = m.macs()
+        return fused if fused <= raw else float("inf")

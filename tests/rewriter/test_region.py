@@ -62,7 +62,7 @@ def test_sum_read_by_sum_and_by_opaque_is_materialized_once():
     ops = [aff("a", "x", dense(1)), aff("b", "x", dense(2)), add("s", "a", "b"), aff("c", "x", dense(3)),
            add("t", "s", "c"), opaque("r", "t"), opaque("q", "s")]  # fmt: skip
     w = find_regions(ops, ["r", "q"])
-    # s is a boundary (DESIGN §2): t = s + c(x) adds values of different sources, so c stays its own op
+    # s is a boundary (docs/design.md §4): t = s + c(x) adds values of different sources; c stays alone
     assert [r.value for r in w.regions] == ["s"]
 
 
@@ -151,3 +151,85 @@ def test_a_sum_refused_on_cost_still_folds_the_chain_inside_a_branch():
     walk = find_regions(ops, ["y"])
     assert [(r.value, r.ops) for r in walk.regions] == [("a", ("pre", "a"))]
     assert [n.category for n in walk.not_folded] == ["cost"]
+
+
+# -- cost refusals cut at the cheapest point --------------------------------------------------------
+
+
+def _ops_after(ops: list[Op], walk) -> int:
+    """Affine ops left once the regions are emitted: each region is one op, the rest stay as they are."""
+    affine = [op.key for op in ops if op.kind != "opaque"]
+    folded = {k for r in walk.regions for k in r.ops}
+    return len(walk.regions) + sum(1 for k in affine if k not in folded)
+
+
+def test_refused_inverted_residual_chain_keeps_both_conv_bn_pairs():
+    """project 16->4 → BN → expand 4->16 → BN: the whole chain is a 16x16 map (256 MACs vs 148), so it is
+    refused; the cheapest cut still folds each BN (2 ops left, not 3 as with "cut before the last op")."""
+    ops = [aff("project", "x", dense(1, 16, 4)), aff("bn1", "project", diag(4), label="bn"),
+           aff("expand", "bn1", dense(2, 4, 16)), aff("bn2", "expand", diag(16), label="bn"),
+           opaque("act", "bn2")]  # fmt: skip
+    w = find_regions(ops, ["act"])
+    assert _ops_after(ops, w) == 2
+    assert {k for r in w.regions for k in r.ops} >= {"bn1", "expand", "bn2"}
+    assert all(r.cost_after <= r.cost_before for r in w.regions)
+    assert "cost" in {n.category for n in w.not_folded}
+
+
+def test_cheapest_cut_is_not_always_before_the_last_op():
+    """a (16->2) → b (2->16) → BN → BN: the whole chain costs 256 MACs vs 96 and is refused. Cutting before
+    the last op again and again would leave all four ops; the cheapest cut is after a: two ops."""
+    ops = [aff("a", "x", dense(1, 16, 2)), aff("b", "a", dense(2, 2, 16)), aff("bn1", "b", diag(16), label="bn"),
+           aff("bn2", "bn1", diag(16), label="bn"), opaque("r", "bn2")]  # fmt: skip
+    w = find_regions(ops, ["r"])
+    assert [r.ops for r in w.regions] == [("b", "bn1", "bn2")] and _ops_after(ops, w) == 2
+    assert w.rounds >= 2
+
+
+def test_cheapest_cut_on_convs_keeps_depthwise_then_bn_then_pointwise_apart():
+    """depthwise 3x3 → BN → 1x1 (8->2): one dense 3x3 would cost 144 MACs vs 72 + 8 + 16; BN folds into one."""
+    g = torch.Generator().manual_seed(0)
+    dw = Conv(torch.randn(8, 1, 3, 3, generator=g, dtype=F64), torch.zeros(8, dtype=F64), (1, 1),
+              ((1, 1), (1, 1)), (1, 1), 8)  # fmt: skip
+    pw = Conv(torch.randn(2, 8, 1, 1, generator=g, dtype=F64), torch.zeros(2, dtype=F64), (1, 1),
+              ((0, 0), (0, 0)), (1, 1), 1)  # fmt: skip
+    bn = Diagonal(torch.rand(8, dtype=F64) + 0.5, torch.randn(8, dtype=F64), -3)
+    ops = [aff("dw", "x", dw, label="conv"), aff("bn", "dw", bn, label="bn"), aff("pw", "bn", pw, label="conv"),
+           opaque("r", "pw")]  # fmt: skip
+    w = find_regions(ops, ["r"])
+    assert _ops_after(ops, w) == 2 and len(w.regions) == 1 and "bn" in w.regions[0].ops
+
+
+class _InvertedResiduals(torch.nn.Module):
+    """Two MBConv-style blocks without a residual between: ``project 1x1 (64->16) → BN → the next block's
+    expand 1x1 (16->64) → BN → SiLU``. Folding project through expand would be one 64x64 conv, so that
+    chain is refused; the hand-written deploy model keeps 4 convs (each with its BN folded) and 3 SiLUs."""
+
+    def __init__(self, big: int = 64, small: int = 16) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.expand1, self.bn1 = nn.Conv2d(small, big, 1, bias=False), nn.BatchNorm2d(big)
+        self.dw, self.bn2 = nn.Conv2d(big, big, 3, padding=1, groups=big, bias=False), nn.BatchNorm2d(big)
+        self.project, self.bn3 = nn.Conv2d(big, small, 1, bias=False), nn.BatchNorm2d(small)
+        self.drop = nn.Dropout(0.2)  # StochasticDepth/Dropout: the identity in eval
+        self.expand2, self.bn4 = nn.Conv2d(small, big, 1, bias=False), nn.BatchNorm2d(big)
+        self.act = nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act(self.bn1(self.expand1(x)))
+        y = self.act(self.bn2(self.dw(y)))
+        y = self.drop(self.bn3(self.project(y)))
+        return self.act(self.bn4(self.expand2(y)))
+
+
+def test_fold_keeps_every_conv_bn_pair_of_a_refused_inverted_residual_chain():
+    import branchfold
+    from tests.helpers import randomize_bn
+
+    model, x = randomize_bn(_InvertedResiduals()).eval(), torch.randn(2, 16, 8, 8)
+    for capture in ("export", "symbolic_trace"):
+        result = branchfold.fold_with_report(model, (x,), capture=capture)
+        assert result.report.verified and result.report.after.ops == 7  # 4 convs, 3 SiLUs: no BN left
+        assert "cost" in result.report.skipped_by_reason()
+        with torch.no_grad():
+            assert torch.allclose(model(x), result.model(x), atol=1e-5, rtol=1e-5)
