@@ -226,6 +226,7 @@ def measure(case: Case, *, batch: int, rounds: int, min_round_s: float, inductor
     rows = [size_row(case, result.report, limit, args)]
     with quiet():
         captured = capture(model, args, {}, "export")  # what the fold starts from, unfolded
+    captured = getattr(captured, "module", captured)  # a Capture record (graph + free dims) or the graph
     eager = {"original": lambda: model(*args), "captured": lambda: captured(*args), "folded": lambda: folded(*args)}
     if limit is not None:
         eager["limit"] = lambda: limit(*args)

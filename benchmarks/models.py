@@ -12,6 +12,7 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
+from benchmarks.levit import levit_inputs, levit_style, single_path_levit
 from branchfold.zoo import ZOO, seed_vit, single_path_vit
 
 
@@ -92,6 +93,10 @@ def cases(quick: bool = False) -> list[Case]:
         _zoo("repvgg"),
         _zoo("mobileone"),
         _zoo("dbb"),
+        _zoo("acnet"),
+        _zoo("grouped-mlp"),
+        Case("levit-style", "LeViT-style attention, bias gathered from a table and cached in eval mode (2 blocks)",
+             levit_style, levit_inputs, single_path_levit, inductor=False),
         Case("hf-vit", "transformers ViTModel, 3 layers, width 192, 32x32 images (random weights)",
              partial(_hf, "vit"), _images(32), None, inductor=False),
         Case("hf-resnet", "transformers ResNetModel, widths 32-256, one block per stage (random weights)",

@@ -18,7 +18,8 @@ def fold_with_report(model: Any, args: Sequence = (), kwargs: dict | None = None
     or an ``onnx.ModelProto`` / ``onnx_ir.Model``; the result is of the same kind. ``args``/``kwargs``
     are example inputs (ONNX models need none): the result is checked against the original on them and
     on random inputs of the same shapes. Options: ``verify`` (default True), ``tolerance``,
-    ``random_checks``, ``seed``; for modules also ``capture`` and ``horizontal`` ("auto", "on", "off");
+    ``random_checks``, ``seed``; for modules also ``capture``, ``horizontal`` ("auto", "on", "off") and
+    ``dynamic`` (default ``None``: a free batch size where the model allows it, see ``fold_module``);
     for ONNX ``horizontal`` and ``progress``.
     """
     import torch

@@ -12,10 +12,20 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
 
-from branchfold.errors import InputError
+from branchfold.errors import CaptureError, InputError
 from branchfold.passes import verify
-from branchfold.passes.capture import CaptureMethod, capture
+from branchfold.passes.capture import (
+    Capture,
+    CaptureMethod,
+    capture,
+    drop_dead_size_arithmetic,
+    example_batch,
+    first_line,
+    static_note,
+)
 from branchfold.passes.fx import FoldBranchesPass, PlainCallingConventionPass, ShapePropPass, has_shapes
+from branchfold.passes.fx_constant_fold import ConstantFoldPass, constants_note
+from branchfold.passes.fx_eager_calls import EagerCallsPass
 from branchfold.passes.fx_horizontal import HorizontalFusionPass
 from branchfold.passes.undo import bisect_passing, only
 from branchfold.patterns.horizontal import HorizontalMode, HorizontalResult, check_mode
@@ -43,39 +53,64 @@ def fold_module(
     tolerance: float | None = None,
     seed: int = 0,
     horizontal: HorizontalMode = "auto",
+    dynamic: bool | None = None,
 ) -> FoldResult:
-    """Capture, fold, fuse Q/K/V-style siblings (``horizontal``: "auto", "on", "off"), check, report."""
+    """Capture, fold, fuse Q/K/V-style siblings (``horizontal``: "auto", "on", "off"), check, report.
+
+    ``dynamic`` (torch.export capture): ``None`` (default) captures the batch dimension of every input,
+    and the sequence length of integer ``[B, T]`` inputs, as free sizes wherever the model allows it, so
+    the folded module runs at any batch size the original accepts; where that capture raises, or its
+    graph differs from the original at another batch size, it falls back to static shapes and the
+    report's notes say so. ``True`` makes that fallback an error, ``False`` captures static shapes. With
+    a free batch, the check also runs the original and the folded model at a second batch size (1, or 3
+    where the example's batch is 1), unless the original itself does not run at it.
+    """
     check_mode(horizontal)
     if not isinstance(model, nn.Module):
         raise InputError(f"expected an nn.Module, got {type(model).__name__}")
     args, kwargs = tuple(args), dict(kwargs or {})
     training = model.training
-    # A training-mode model updates its own buffers when run: work on a copy so the user's stays as it was.
-    source = copy.deepcopy(model) if training else model
+    # A training-mode module (the model, or a BatchNorm left in training inside an eval model) updates its
+    # own buffers when run: work on copies so the user's stay as they were.
+    updates_buffers = _any_training(model)
+    source = copy.deepcopy(model) if updates_buffers else model
     if isinstance(source, fx.GraphModule):
-        gm = fx.GraphModule(source, copy.deepcopy(source.graph), class_name=type(source).__name__)
+        captured = Capture(fx.GraphModule(source, copy.deepcopy(source.graph), class_name=type(source).__name__))
     else:
-        gm = capture(source, args, kwargs, capture_method)
-    if not has_shapes(gm):
-        ShapePropPass(_flat_inputs(gm, args, kwargs)).call(gm)
-    pristine = copy.deepcopy(gm.graph)
+        captured = capture(source, args, kwargs, capture_method, dynamic)
 
-    reference = copy.deepcopy(model) if training else model
+    reference = copy.deepcopy(model) if updates_buffers else model
     input_sets = [(args, kwargs)]
     generator = torch.Generator().manual_seed(seed)
     for _ in range(random_checks):
         input_sets.append((tuple(verify.random_inputs(args, generator)), kwargs))
     ref_outputs = [seeded_run(reference, a, k, seed) for a, k in input_sets] if verify_result else None
+    if captured.free:  # even unverified: a free batch must not be wrong where the example's is right
+        example_ref = ref_outputs[0] if ref_outputs is not None else None
+        captured, second = _second_batch(captured, source, reference, args, kwargs, example_ref, generator,
+                                         seed, tolerance, capture_method, dynamic)  # fmt: skip
+        if second is not None and ref_outputs is not None:
+            input_sets.append(second[0])
+            ref_outputs.append(second[1])
+    gm = captured.module
+    if not has_shapes(gm):
+        ShapePropPass(_flat_inputs(gm, args, kwargs)).call(gm)
+    pristine = copy.deepcopy(gm.graph)
+
+    constant_fold = ConstantFoldPass()
 
     def attempt(
         select: Callable[[Region], bool] | None, fuse_mode: HorizontalMode
     ) -> tuple[fx.GraphModule, FxFoldResult, HorizontalResult]:
         candidate = fx.GraphModule(gm, copy.deepcopy(pristine), class_name=type(gm).__name__)
+        constant_fold.call(candidate)  # weight-only subgraphs computed once (exact: the same ops, run now)
         fold = FoldBranchesPass(select=select)
         fold.call(candidate)
         fuse = HorizontalFusionPass(fuse_mode)
         fuse.call(candidate)
+        drop_dead_size_arithmetic(candidate)  # a free batch's twin of what constant folding removed
         PlainCallingConventionPass().call(candidate)
+        EagerCallsPass().call(candidate)  # aten overloads through torch's bindings: exact, faster eager
         return candidate, fold.result, fuse.result
 
     def check(candidate: fx.GraphModule) -> verify.Check:
@@ -104,14 +139,79 @@ def fold_module(
         folded, result, fused = attempt(only([]), fuse_mode)
         outcome = check(folded)
     final = fx.GraphModule(folded, folded.graph, class_name=type(gm).__name__)  # drops unused weights
-    final.train(training)
+    final.training = training  # the top-level flag only: submodules keep their own modes (a BN left in training)
     report = build_report(gm, final, result, undone, args, kwargs, outcome, training)
     add_horizontal(report, fused)
+    report.notes += constants_note(constant_fold.result)
+    report.notes += captured.notes
+    if outcome is not None:
+        batches = (example_batch(a, k) for a, k in input_sets)
+        report.checked_batches = list(dict.fromkeys(b for b in batches if b is not None))
     if verify_result and _float_dtype(model) in LOW_PRECISION:
-        _low_precision_errors(report, model, final, input_sets)
+        _low_precision_errors(report, reference, final, input_sets)  # the copy where running updates buffers
     if ref_outputs is not None:
         return FoldResult(_keep_output_structure(final, ref_outputs[0], seeded_run(final, args, kwargs, seed)), report)
     return FoldResult(final, report)
+
+
+def _second_batch(
+    captured: Capture, source, reference, args, kwargs, example_ref, generator, seed, tolerance, method, dynamic
+) -> tuple[Capture, tuple[tuple[tuple, dict], object] | None]:
+    """A check set at another batch size (and, where free, another sequence length), with the original's
+    outputs on it, for a capture that leaves the batch free.
+
+    The captured graph itself must first reproduce the original there (and on the example, when it was
+    traced on a repeated copy): export reasons about a free size as "at least 2", so a model that
+    branches on ``x.shape[0] > 1`` is captured wrongly for batch 1. Such a capture is replaced by a static
+    one (export) or keeps only the example's batch (symbolic_trace), and a note says so. This runs even
+    when the fold itself is not verified; ``example_ref`` is then None and computed only if needed.
+    """
+    batch = example_batch(args, kwargs)
+    for batch_only in (False, True):
+        resized = captured.other_size_inputs(args, kwargs, batch_only)
+        if resized is None:
+            return captured, None
+        a, k = resized
+        a = tuple(verify.random_inputs(a, generator))
+        try:
+            ref = seeded_run(reference, a, k, seed)
+        except Exception:  # the original does not run there: no check at this size
+            continue
+        break
+    else:
+        captured.notes.append(f"the original model does not run at batch {example_batch(*resized)}, so the "
+                              f"free batch size was checked at the example's batch {batch} only")  # fmt: skip
+        return captured, None
+    checks = [((a, k), ref)]
+    if captured.traced_other_shapes:  # traced on a repeated copy: the example's own batch is a free size too
+        example_ref = example_ref if example_ref is not None else seeded_run(reference, args, kwargs, seed)
+        checks.append(((args, kwargs), example_ref))
+    why = _capture_mismatch(captured.module, checks, seed, tolerance)
+    if why is None:
+        return captured, ((a, k), ref)
+    why = f"with a free batch size the captured graph differs from the original at batch {example_batch(a, k)}: {why}"
+    if method == "export" and not isinstance(source, fx.GraphModule):
+        if dynamic:
+            raise CaptureError(f"dynamic=True, but {why}")
+        static = capture(source, args, kwargs, method, dynamic=False)
+        static.notes.insert(0, static_note(batch, why))
+        return static, None
+    captured.notes.append(f"{why}; the folded model is right at batch {batch}: use it there, or capture='export'")
+    return captured, None
+
+
+def _capture_mismatch(gm: fx.GraphModule, checks, seed, tolerance) -> str | None:
+    """Why the unfolded captured graph is not the original on ``checks`` ((args, kwargs), outputs), or None."""
+    for (a, k), ref in checks:
+        try:
+            got = seeded_run(gm, a, k, seed)
+        except Exception as e:  # a guard or shape error: the graph does not run there
+            return first_line(e)
+        tol = tolerance if tolerance is not None else verify.tolerance_for(verify.leading_dtype(ref))
+        error = verify.relative_error(ref, got)
+        if not error <= tol:
+            return f"error {error:.2g}"
+    return None
 
 
 class OutputStructure(nn.Module):
@@ -152,8 +252,15 @@ def _fixed_rng(seed: int):
 
 
 def seeded_run(fn, args, kwargs, seed):
+    """``fn`` on copies of the inputs: a model that writes its input (``x += 1``) must neither change the
+    caller's tensors nor see inputs an earlier run already wrote."""
+    args, kwargs = verify.fresh_copies(args, kwargs)
     with torch.no_grad(), _fixed_rng(seed):
         return fn(*args, **kwargs)
+
+
+def _any_training(module: nn.Module) -> bool:
+    return any(m.training for m in module.modules())
 
 
 def _float_dtype(model: nn.Module) -> torch.dtype | None:
@@ -187,10 +294,13 @@ _BOOKKEEPING = {"getitem", "getattr", "_guards_fn", "size", "dim", "sym_size", "
 
 
 def _is_bookkeeping(n: fx.Node) -> bool:
-    """Nodes that compute nothing on tensors: tuple indexing, shape queries, export's guards and asserts.
+    """Nodes that compute nothing on tensors: tuple indexing, shape queries and size arithmetic, export's
+    guards and asserts.
 
     Counting them would make the same model count differently per capture method (symbolic_trace writes
     ``getattr(x, "shape")``, export writes ``_assert_tensor_metadata``)."""
+    if isinstance(n.meta.get("val"), (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        return True  # size arithmetic of a free dimension: a static capture writes it as a constant
     name = getattr(n.target, "__name__", str(n.target)).split(".")[0]
     return name in _BOOKKEEPING or name.startswith("_assert")
 
@@ -213,6 +323,7 @@ def count_params(module: nn.Module) -> int:
 
 def count_macs(module: nn.Module, args: tuple, kwargs: dict) -> int:
     counter = FlopCounterMode(display=False)
+    args, kwargs = verify.fresh_copies(args, kwargs)
     with torch.no_grad(), counter:
         module(*args, **kwargs)
     return counter.get_total_flops() // 2
@@ -255,6 +366,6 @@ def build_report(gm, final, result, undone, args, kwargs, outcome, training) -> 
 
 def _safe_macs(module, args, kwargs) -> int:
     with _fixed_rng(0):
-        if module.training:
+        if _any_training(module):
             module = copy.deepcopy(module)  # running a training-mode copy must not touch buffers we share
         return count_macs(module, args, kwargs)

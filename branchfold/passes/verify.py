@@ -83,8 +83,15 @@ class Check:
 
 
 def run(fn: Callable, args: Sequence, kwargs: dict | None = None):
+    """``fn`` on copies of the inputs, so that a model writing its input changes nothing of the caller's."""
+    args, kwargs = fresh_copies(args, kwargs)
     with torch.no_grad():
-        return fn(*args, **(kwargs or {}))
+        return fn(*args, **kwargs)
+
+
+def fresh_copies(args: Sequence, kwargs: dict | None) -> tuple[tuple, dict]:
+    """Copies of the tensors among ``args`` and ``kwargs`` (the rest as it is)."""
+    return pytree.tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, (tuple(args), dict(kwargs or {})))
 
 
 def check(
