@@ -13,32 +13,19 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from branchfold.training.modules import BranchedLinear
+
 from ._common import fold_copy, random_images, seeded
-
-
-class BranchedLinear(nn.Module):
-    """``branches`` parallel ``nn.Linear(in_features, out_features)`` on the same input, outputs summed."""
-
-    def __init__(self, in_features: int, out_features: int, branches: int, bias: bool = True) -> None:
-        super().__init__()
-        if branches < 1:
-            raise ValueError(f"branches must be >= 1, got {branches}")
-        self.in_features, self.out_features = in_features, out_features
-        self.branches = nn.ModuleList(nn.Linear(in_features, out_features, bias=bias) for _ in range(branches))
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = self.branches[0](x)
-        for branch in self.branches[1:]:
-            out = out + branch(x)
-        return out
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, branches={len(self.branches)}"
 
 
 @torch.no_grad()
 def merge_branches(layer: BranchedLinear) -> nn.Linear:
-    """The single ``nn.Linear`` equal to ``layer``: weights and biases summed over branches in float64."""
+    """The single ``nn.Linear`` equal to ``layer``: weights and biases summed over branches in float64.
+
+    Written out here rather than taken from ``branchfold.merge``: the zoo's single paths are the oracle the
+    library is tested against, so they share no folding code with it (``BranchedLinear`` itself is the
+    library's training module, the one ``branchfold.expand`` writes).
+    """
     first = layer.branches[0]
     has_bias = first.bias is not None
     linear = nn.utils.skip_init(
