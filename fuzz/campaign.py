@@ -1,0 +1,371 @@
+"""One fuzz case: fold a generated model through one path and compare it with the original.
+
+Paths: FX ``symbolic_trace`` / ``export`` (``branchfold.fold``), ``dynamo-backend``
+(``torch.compile(..., backend="branchfold")`` with the eager inner backend) and ``dynamo-pass``
+(``FoldBranchesPass`` on the graph dynamo hands a backend, weights given as constants); ONNX
+``onnx-legacy`` / ``onnx-dynamo`` (the two torch exporters, then ``branchfold.fold`` on the proto,
+both run by onnxruntime at ``ORT_DISABLE_ALL``).
+
+Every case runs the original and the folded model at the spec's two batch sizes. An error over the
+dtype's tolerance (``verify.tolerance_for``) is a mismatch unless the folded model is as close to a
+float64 run of the original as the original itself is (rounding, not a wrong fold). Other mismatches:
+an exception from the fold (a ``BranchfoldError`` is fine only where the original cannot be captured
+either), a user model or file changed by the fold, a block known to fold that does not reach one op.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import logging
+import math
+import random
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+import branchfold
+from branchfold.errors import BranchfoldError
+from branchfold.passes import verify
+from fuzz.generator import Spec, build, example, foldable_blocks
+
+FX_PATHS = ("symbolic_trace", "export", "dynamo-backend", "dynamo-pass")
+ONNX_PATHS = ("onnx-legacy", "onnx-dynamo")
+LINEAR_ONNX = {"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization"}
+_LINEAR_NAMES = ("linear", "conv", "addmm", "batch_norm", "mm")
+
+
+@dataclass(frozen=True)
+class Case:
+    """How one model is folded: a path, whether ``fold`` verifies itself, and the ONNX opset."""
+
+    path: str
+    verify: bool = False
+    opset: int = 17
+    count_ops: bool = True  # fold each block known to foldable alone and check it reaches one op
+
+    @property
+    def side(self) -> str:
+        return "onnx" if self.path in ONNX_PATHS else "fx"
+
+
+@dataclass
+class Outcome:
+    status: str  # "ok", "skipped" (the original or the exporter cannot run it), or the mismatch kind
+    message: str = ""
+    errors: list[float] = field(default_factory=list)
+
+    @property
+    def mismatch(self) -> bool:
+        return self.status not in ("ok", "skipped")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def draw_cases(rng: random.Random, onnx_fraction: float, onnx_dynamo_fraction: float, verify_fraction: float) -> list[Case]:
+    """The paths one model goes through: one FX dialect always, ONNX on ``onnx_fraction`` of models
+    (the dynamo exporter on ``onnx_dynamo_fraction`` of those: it takes seconds per model)."""
+    fx_path = rng.choices(FX_PATHS, weights=(0.5, 0.25, 0.15, 0.1))[0]
+    cases = [Case(fx_path, verify=rng.random() < verify_fraction)]
+    if rng.random() < onnx_fraction:
+        path = "onnx-dynamo" if rng.random() < onnx_dynamo_fraction else "onnx-legacy"
+        opset = rng.choice((13, 15, 17, 18)) if path == "onnx-legacy" else 18
+        cases.append(Case(path, verify=rng.random() < verify_fraction, opset=opset))
+    return cases
+
+
+# ----------------------------------------------------------------------------------------------
+# comparing
+
+
+def _seeded(fn: Callable, x, seed: int = 0):
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return fn(x)
+
+
+def _within(ref, got, tol: float, exact_ref: Callable[[], object] | None) -> tuple[bool, float]:
+    """Folded ``got`` against the original's ``ref``; over ``tol``, excused when ``got`` is as close to
+    a float64 run of the original (``exact_ref``) as ``ref`` itself is."""
+    err = verify.relative_error(ref, got)
+    if err <= tol:
+        return True, err
+    if exact_ref is None or not math.isfinite(err):
+        return False, err
+    exact = exact_ref()
+    return verify.relative_error(exact, got) <= tol + 2 * verify.relative_error(exact, ref), err
+
+
+def _float64_run(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    def run():
+        return _seeded(copy.deepcopy(model).double(), x.double())
+
+    return run
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
+
+
+def _same_state(model: nn.Module, before: dict[str, torch.Tensor]) -> bool:
+    now = model.state_dict(keep_vars=True)
+    return now.keys() == before.keys() and all(torch.equal(now[k].detach(), v) for k, v in before.items())
+
+
+def count_linear_ops(gm: nn.Module) -> int:
+    """Linear / conv / BatchNorm ops a folded FX graph computes, whatever its dialect."""
+    graph_module = getattr(gm, "graph_module", gm)  # OutputStructure wraps the folded graph
+    n = 0
+    for node in graph_module.graph.nodes:
+        if node.op == "call_module":
+            mod = graph_module.get_submodule(node.target)
+            n += isinstance(mod, (nn.Linear, nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm))
+        elif node.op in ("call_function", "call_method"):
+            name = getattr(node.target, "__name__", str(node.target)).lower()
+            n += any(k in name for k in _LINEAR_NAMES)
+    return n
+
+
+def count_linear_onnx(proto) -> int:
+    return sum(1 for n in proto.graph.node if n.op_type in LINEAR_ONNX)
+
+
+# ----------------------------------------------------------------------------------------------
+# FX
+
+
+class _BackendFailures(logging.Handler):
+    """Collects the backend's "folding failed" warnings: it compiles unfolded then, hiding the bug."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "folding failed" in record.getMessage():
+            self.messages.append(record.getMessage())
+
+
+def _dynamo_graph(model: nn.Module, x: torch.Tensor) -> tuple[fx.GraphModule, dict, Callable]:
+    """The graph dynamo hands a backend, its weight placeholders as constants, and a runner."""
+    got: dict = {}
+
+    def backend(gm, example_inputs):
+        got["gm"], got["inputs"] = gm, list(example_inputs)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=backend, fullgraph=True, dynamic=False)(x)
+    torch._dynamo.reset()
+    gm, inputs = got["gm"], got["inputs"]
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    user = [i for i, t in enumerate(inputs) if t is x]
+    constants = {p.name: t for i, (p, t) in enumerate(zip(placeholders, inputs)) if i not in user}
+
+    def run(z):
+        return gm(*[z if i in user else t for i, t in enumerate(inputs)])
+
+    return gm, constants, run
+
+
+def _fold_fx(model: nn.Module, x: torch.Tensor, case: Case) -> tuple[Callable, Callable | None, list[str]]:
+    """(folded runner, op counter or None, notes); raises what folding raises."""
+    if case.path in ("symbolic_trace", "export"):
+        result = branchfold.fold_with_report(model, (x,), capture=case.path, verify=case.verify)
+        return result.model, (lambda: count_linear_ops(result.model)), result.report.notes
+    if case.path == "dynamo-pass":
+        gm, constants, run = _dynamo_graph(model, x)
+        from branchfold.passes.fx import FoldBranchesPass, ShapePropPass, has_shapes
+
+        if not has_shapes(gm):
+            ShapePropPass([constants.get(p.name, x) for p in gm.graph.nodes if p.op == "placeholder"]).call(gm)
+        FoldBranchesPass(constants=constants).call(gm)
+        return run, (lambda: count_linear_ops(gm)), []
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="branchfold", options={"backend": "eager", "verify": case.verify})
+    return compiled, None, []
+
+
+def _capturable(model: nn.Module, x: torch.Tensor, path: str) -> bool:
+    try:
+        if path == "symbolic_trace":
+            fx.symbolic_trace(model)
+        else:
+            torch.export.export(model, (x,), strict=False)
+    except Exception:
+        return False
+    return True
+
+
+def run_fx(spec: Spec, case: Case) -> Outcome:
+    model = build(spec)
+    xs = [example(spec, b, spec["seed"] + i) for i, b in enumerate(spec["batches"])]
+    before = _state(model)
+    handler = _BackendFailures()
+    log = logging.getLogger("branchfold.passes.backend")
+    log.addHandler(handler)
+    try:
+        folded, counter, notes = _fold_fx(model, xs[0], case)
+        if case.path == "dynamo-backend":
+            outs = [_seeded(folded, x) for x in xs]
+    except BranchfoldError as e:
+        if case.path in ("symbolic_trace", "export") and not _capturable(model, xs[0], case.path):
+            return Outcome("skipped", f"not capturable: {e}")
+        return Outcome("exception", f"{type(e).__name__}: {e}")
+    except Exception as e:
+        return Outcome("exception", f"{type(e).__name__}: {e}")
+    finally:
+        log.removeHandler(handler)
+        torch._dynamo.reset() if case.path.startswith("dynamo") else None
+    if handler.messages:
+        return Outcome("exception", handler.messages[0])
+    if not case.path.startswith("dynamo") and not _same_state(model, before):  # dynamo runs the model itself
+        return Outcome("mutated", "the fold changed the user's parameters or buffers")
+    errors = []
+    for i, x in enumerate(xs):
+        ref = _seeded(model, x)
+        try:
+            got = outs[i] if case.path == "dynamo-backend" else _seeded(folded, x)
+        except Exception as e:
+            if i and (any("batch" in n for n in notes) or case.path == "dynamo-pass"):
+                continue  # a static capture (export said so; dynamo-pass captures static) refuses another batch
+            return Outcome("exception", f"folded model raised at batch {x.shape[0]}: {type(e).__name__}: {e}")
+        ok, err = _within(ref, got, verify.tolerance_for(x.dtype), _float64_run(model, x))
+        errors.append(err)
+        if not ok:
+            return Outcome("wrong-result", f"error {err:.3g} at batch {x.shape[0]} (tolerance {verify.tolerance_for(x.dtype)})",
+                           errors)  # fmt: skip
+    if case.count_ops and counter is not None and not spec.get("train"):
+        for sub in foldable_blocks(spec)[:1]:
+            bad = _single_block_fx(sub, case)
+            if bad:
+                return Outcome("op-count", bad, errors)
+    return Outcome("ok", "", errors)
+
+
+def _single_block_fx(sub: Spec, case: Case) -> str | None:
+    model = build(sub)
+    x = example(sub, sub["batches"][0], sub["seed"])
+    try:
+        _, counter, _ = _fold_fx(model, x, Case(case.path, verify=False))
+    except Exception as e:
+        return f"folding the foldable block alone raised {type(e).__name__}: {e}"
+    n = counter() if counter else 1
+    return None if n == 1 else f"a block known to fold left {n} linear/conv/BatchNorm ops, not 1"
+
+
+# ----------------------------------------------------------------------------------------------
+# ONNX
+
+
+def _export_onnx(model: nn.Module, x: torch.Tensor, case: Case):
+    """The ONNX proto of ``model`` by the case's exporter, the batch dimension dynamic."""
+    import onnx
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if case.path == "onnx-legacy":
+            buf = io.BytesIO()
+            torch.onnx.export(model, (x,), buf, dynamo=False, opset_version=case.opset, input_names=["x"],
+                              output_names=["y"], dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})  # fmt: skip
+            return onnx.load_from_string(buf.getvalue())
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        program = torch.onnx.export(model, (x,), dynamo=True, opset_version=case.opset, verbose=False,
+                                    dynamic_shapes=({0: torch.export.Dim.AUTO},))  # fmt: skip
+        return program.model_proto
+
+
+def _session(proto):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _ort_run(session, x: torch.Tensor) -> list[torch.Tensor]:
+    name = session.get_inputs()[0].name
+    return [torch.from_numpy(np.asarray(o)) for o in session.run(None, {name: x.numpy()})]
+
+
+def onnx_dtype(spec: Spec) -> torch.dtype:
+    """onnxruntime's CPU provider lacks most bf16 kernels: bf16 specs run in fp32 on the ONNX side."""
+    return torch.float16 if spec["dtype"] == "float16" else torch.float32
+
+
+def run_onnx(spec: Spec, case: Case) -> Outcome:
+    dtype = onnx_dtype(spec)
+    model = build(spec).to(dtype).eval()
+    xs = [example(spec, b, spec["seed"] + i, dtype) for i, b in enumerate(spec["batches"])]
+    try:
+        proto = _export_onnx(model, xs[0], case)
+        original = _session(proto)
+        refs = [_ort_run(original, x) for x in xs[:1]]
+    except Exception as e:  # the exporter or onnxruntime cannot take this model: nothing to fold
+        return Outcome("skipped", f"export/run of the original failed: {type(e).__name__}: {str(e)[:200]}")
+    try:
+        refs.append(_ort_run(original, xs[1]))
+    except Exception:  # the exporter fixed the batch size
+        xs = xs[:1]
+    pristine = proto.SerializeToString()
+    try:
+        result = branchfold.fold_with_report(proto, verify=case.verify)
+    except Exception as e:
+        return Outcome("exception", f"{type(e).__name__}: {e}")
+    if proto.SerializeToString() != pristine:
+        return Outcome("mutated", "the fold changed the input ModelProto")
+    try:
+        folded = _session(result.model)
+    except Exception as e:
+        return Outcome("exception", f"onnxruntime rejects the folded model: {type(e).__name__}: {e}")
+    errors = []
+    for x, ref in zip(xs, refs):
+        try:
+            got = _ort_run(folded, x)
+        except Exception as e:
+            return Outcome("exception", f"folded model raised at batch {x.shape[0]}: {type(e).__name__}: {e}")
+        ok, err = _within(ref, got, verify.tolerance_for(dtype), lambda x=x: [_seeded(model_64(model), x.double())])
+        errors.append(err)
+        if not ok:
+            return Outcome("wrong-result", f"error {err:.3g} at batch {x.shape[0]} (tolerance {verify.tolerance_for(dtype)})",
+                           errors)  # fmt: skip
+    if case.count_ops and case.path == "onnx-legacy":
+        for sub in foldable_blocks(spec)[:1]:
+            bad = _single_block_onnx(sub, case)
+            if bad:
+                return Outcome("op-count", bad, errors)
+    return Outcome("ok", "", errors)
+
+
+def model_64(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model).double()
+
+
+def _single_block_onnx(sub: Spec, case: Case) -> str | None:
+    dtype = onnx_dtype(sub)
+    model = build(sub).to(dtype).eval()
+    x = example(sub, sub["batches"][0], sub["seed"], dtype)
+    try:
+        proto = _export_onnx(model, x, case)
+    except Exception:
+        return None
+    try:
+        folded = branchfold.fold(proto, verify=False)
+    except Exception as e:
+        return f"folding the foldable block alone raised {type(e).__name__}: {e}"
+    n = count_linear_onnx(folded)
+    return None if n == 1 else f"a block known to fold left {n} Conv/Gemm/MatMul/BatchNormalization nodes, not 1"
+
+
+def run_case(spec: Spec, case: Case) -> Outcome:
+    """Fold ``spec``'s model through ``case`` and say whether the result is what it must be."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return run_onnx(spec, case) if case.side == "onnx" else run_fx(spec, case)
