@@ -8,6 +8,13 @@ the same depth (``ZOO['seed-vit'].single_path``: the attainable limit). Goals: b
 the plain model under Inductor, and far ahead of Inductor on the branched model. Also measured: the
 per-call cost of the stale-weight guard, and how long a refold takes after an in-place weight change.
 
+Then, per model of the deploy table that runs under Inductor (``benchmarks.models.cases``: the zoo and
+an HF model), ``backend="branchfold"`` against ``torch.compile(branchfold.fold(m))`` in the same rounds
+(goal: <= 1.02) with the guard's cost per call in microseconds, the parameters it watches and the inputs
+the compiled folded graph takes. Part of the gap is dynamo's own: it guards and passes every parameter
+of the original module tree, which no backend can avoid (``dynamo_us_per_call`` in the rows measures it
+with a backend that returns a constant).
+
 ``--quick`` is a smoke configuration (a tiny ViT, eager hand-off instead of Inductor): its figures say
 nothing about speed. ``run(quick)`` returns the rows for ``benchmarks.run``.
 """
@@ -21,7 +28,9 @@ import timeit
 
 import torch
 
-from benchmarks.timing import interleaved
+import branchfold
+from benchmarks.models import cases
+from benchmarks.timing import interleaved, ratio
 from branchfold.passes.backend import FoldedGraph, branchfold_backend
 from branchfold.zoo import ZOO, seed_vit
 
@@ -76,7 +85,50 @@ def _run(quick: bool) -> list[dict]:
         for name, t in timings.items()
     ]  # fmt: skip
     rows += _guard_rows(branched, x, compiled["branchfold / branched"], captured, plain_ms)
+    for case in cases(quick):
+        if case.inductor:
+            torch._dynamo.reset()
+            rows.append(_against_fold_then_compile(case, inner, quick))
     return rows
+
+
+def _against_fold_then_compile(case, inner: str, quick: bool) -> dict:
+    """``backend="branchfold"`` / ``torch.compile(branchfold.fold(m))`` on one model, and what the gap is made of."""
+    model = case.build()
+    args = case.inputs(model, 2 if quick else BATCH)
+    captured: list[tuple[object, list]] = []
+
+    def recording_backend(gm, example_inputs):
+        out = branchfold_backend(gm, example_inputs, options={"backend": inner})
+        captured.append((out, list(example_inputs)))
+        return out
+
+    def constant_backend(gm, example_inputs):  # dynamo's own per-call cost: a graph that returns at once
+        out = gm(*example_inputs)
+        return lambda *a: out
+
+    folded = branchfold.fold(model, args)
+    backend = torch.compile(model, backend=recording_backend)
+    fold_then = torch.compile(folded, backend=inner)
+    dynamo_only = torch.compile(model, backend=constant_backend)
+    for fn in (backend, fold_then, dynamo_only):
+        fn(*args)
+    sides = {"backend": backend, "fold_then_compile": fold_then, "dynamo_only": dynamo_only}
+    times = interleaved({k: (lambda fn=fn: fn(*args)) for k, fn in sides.items()},
+                        rounds=5 if quick else 15, min_round_s=0.02 if quick else 0.3)  # fmt: skip
+    graphs = [(g, ex) for g, ex in captured if isinstance(g, FoldedGraph)]
+    row = {"case": f"{case.name}: backend / fold() then compile", "batch": args[0].shape[0],
+           "backend_ms": round(times["backend"].ms, 4), "fold_then_compile_ms": round(times["fold_then_compile"].ms, 4),
+           "backend_over_fold_then_compile": round(ratio(times["backend"].ms, times["fold_then_compile"].ms), 3),
+           "spread": round(max(times["backend"].spread, times["fold_then_compile"].spread), 3),
+           "dynamo_us_per_call": round(times["dynamo_only"].ms * 1e3, 1)}  # fmt: skip
+    if graphs:
+        graph, example = graphs[-1]
+        n = 200 if quick else 2000
+        row["guard_us_per_call"] = round(timeit.timeit(lambda: graph.fresh(example), number=n) / n * 1e6, 2)
+        row["watched"] = len(graph.watch)
+        row["inputs"] = f"{len(example)} -> {len(graph.select(example)) + len(graph.tensors)}"
+    return row
 
 
 def _guard_rows(model, x, compiled, captured, plain_ms: float) -> list[dict]:
@@ -108,6 +160,12 @@ def main(argv: list[str] | None = None) -> None:
     rows = run(quick="--quick" in argv, threads=threads)
     print(f"{'case':62s} {'batch':>5s} {'median ms':>10s} {'spread':>7s} {'vs plain':>9s} {'compile s':>9s}")
     for r in rows:
+        if "backend_ms" in r:
+            print(f"{r['case']:62s} {r['batch']:>5} backend {r['backend_ms']} ms, fold() then compile "
+                  f"{r['fold_then_compile_ms']} ms: {r['backend_over_fold_then_compile']}x; guard "
+                  f"{r.get('guard_us_per_call', '-')} us ({r.get('watched', 0)} watched, inputs "
+                  f"{r.get('inputs', '-')}); dynamo alone {r['dynamo_us_per_call']} us")  # fmt: skip
+            continue
         cells = [f"{r[k]}" if r[k] is not None else "-" for k in ("batch", "median_ms", "spread",
                                                                    "vs_plain_inductor", "compile_s")]  # fmt: skip
         print(f"{r['case']:62s} {cells[0]:>5s} {cells[1]:>10s} {cells[2]:>7s} {cells[3]:>9s} {cells[4]:>9s}")

@@ -7,25 +7,36 @@ a graph compiled with grad enabled goes to the inner backend as it is, so traini
 gradients are untouched.
 
 Folded weights are not baked into the compiled code: they are *extra inputs* of the graph the inner
-backend compiles. Before each call a guard checks every parameter a fold read: same object, same
-``_version`` counter, same data pointer. That sees optimizer steps, ``load_state_dict``, in-place ops
-under no_grad, ``p.data = t`` and replaced parameters; the next call refolds in float64 and swaps the
-tensors, without recompiling (only if the new weights change the folded graph's structure, such as a
-folded bias becoming exactly zero, is the inner backend called again). Writes through ``p.data``
-(``p.data.copy_(w)``) bypass the version counter by design. For them, choose a check by its measured
-cost per call (seed ViT, 156 watched parameters / MobileOne, 327; CPU):
+backend compiles, so a refold swaps tensors instead of recompiling. The parameters the folded graph no
+longer reads are dropped from that graph (MobileOne: dynamo passes 330 inputs, the compiled graph takes
+29), and the call picks the live ones out of dynamo's arguments with one ``itemgetter``. The folds also
+fuse Q/K/V-style sibling linears and convs as ``branchfold.fold`` does (option ``horizontal``).
 
-- ``"metadata"`` (default, 20 / 47 µs): object, version counter, data pointer; ``.data`` writes need
-  ``invalidate()``.
-- ``"sampled"`` (about 100 / 220 µs): also compares a strided sample of each watched parameter (about
+Before each call a guard checks every parameter a fold read, in three C-level passes over them compared
+with the lists taken at fold time: ``_version`` counters, identity, data pointers. That sees optimizer
+steps, ``load_state_dict``, in-place ops under no_grad, ``p.data = t`` and replaced parameters; the next
+call refolds in float64 and swaps the tensors, without recompiling (only if the new weights change the
+folded graph's structure, such as a folded bias becoming exactly zero, is the inner backend called
+again). No hook can stand in for the per-call read: an in-place update under no_grad fires none, and
+only its version counter records it. Writes through ``p.data`` (``p.data.copy_(w)``) bypass the version
+counter by design. For them, choose a check by its cost per call (MobileOne, 327 watched parameters,
+``benchmarks/bench_compile.py`` reports it per model):
+
+- ``"metadata"`` (default, tens of microseconds for ~300 parameters): object, version counter, data
+  pointer; ``.data`` writes need ``invalidate()``.
+- ``"sampled"`` (several times that): also compares a strided sample of each watched parameter (about
   8 elements, read through views of its storage) with its value at fold time, so new weights loaded
   through ``.data`` are seen; a write that changes only unsampled elements is not.
 - ``"values"``: compares every value on every call (a full read of the weights).
 
+Dynamo itself guards and passes every parameter of the original module tree on each call; that cost is
+dynamo's (``torch.compile(m)`` pays it too) and grows with the number of modules.
+
 Options (``torch.compile(..., options={...})``): ``backend`` (the inner backend, a registered name
 such as ``"eager"`` or ``"aot_eager"`` or a callable; default ``"inductor"``), ``verify`` (check the
 folded graph against the original on the example and random inputs, default True), ``tolerance``,
-``weight_check`` (``"metadata"``, ``"sampled"`` or ``"values"``, above); any other key is an Inductor option, and ``mode``
+``weight_check`` (``"metadata"``, ``"sampled"`` or ``"values"``, above), ``horizontal`` (``"auto"``,
+``"on"`` or ``"off"``, as in ``branchfold.fold``); any other key is an Inductor option, and ``mode``
 goes to Inductor. ``make_backend("eager", ...)`` binds the same options into a backend callable.
 """
 
@@ -33,6 +44,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import operator
 import weakref
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
@@ -45,7 +57,9 @@ from torch.fx.experimental.symbolic_shapes import guarding_hint_or_throw
 from branchfold.errors import BranchfoldError, InputError
 from branchfold.passes import verify
 from branchfold.passes.fx import FoldBranchesPass
+from branchfold.passes.fx_horizontal import HorizontalFusionPass
 from branchfold.passes.undo import bisect_passing, only
+from branchfold.patterns.horizontal import HorizontalMode, check_mode
 from branchfold.rewriter.region import Region
 
 log = logging.getLogger(__name__)
@@ -54,6 +68,18 @@ Compiler = Callable[[fx.GraphModule, list], Callable]
 DEFAULT_INNER = "inductor"
 WEIGHT_CHECKS = ("metadata", "sampled", "values")
 SAMPLES_PER_TENSOR = 8
+_VERSION = operator.attrgetter("_version")
+_DATA_PTR = torch.Tensor.data_ptr
+
+
+def _picker(positions: Sequence[int]) -> Callable[[Sequence], tuple]:
+    """``args -> tuple(args[i] for i in positions)`` in one C call (``itemgetter``), for any length."""
+    if len(positions) > 1:
+        return operator.itemgetter(*positions)
+    if len(positions) == 1:
+        (i,) = positions
+        return lambda args: (args[i],)
+    return lambda args: ()
 
 
 def _sample(t: torch.Tensor) -> torch.Tensor:
@@ -77,12 +103,15 @@ def branchfold_backend(
     weight_check = opts.pop("weight_check", "metadata")
     if weight_check not in WEIGHT_CHECKS:
         raise InputError(f"weight_check must be one of {', '.join(WEIGHT_CHECKS)}, got {weight_check!r}")
+    horizontal = check_mode(opts.pop("horizontal", "auto"))
     compile_inner = inner_compiler(inner, mode, opts)
     constants = constant_inputs(gm, example_inputs)
     if torch.is_grad_enabled() or not constants:
         return compile_inner(gm, list(example_inputs))
     try:
-        folded = FoldedGraph(gm, list(example_inputs), constants, compile_inner, check, tolerance, weight_check)
+        folded = FoldedGraph(
+            gm, list(example_inputs), constants, compile_inner, check, tolerance, weight_check, horizontal
+        )
     except BranchfoldError:
         raise
     except Exception as e:  # a bug in folding must not break the user's compile: run unfolded, say why
@@ -157,10 +186,16 @@ def constant_inputs(gm: fx.GraphModule, example_inputs: Sequence) -> dict[str, i
 
 @dataclass
 class _Fold:
-    gm: fx.GraphModule  # folded weights turned into trailing placeholders
+    gm: fx.GraphModule  # unread parameter inputs dropped, folded weights turned into trailing placeholders
     tensors: list[torch.Tensor]  # their values, in placeholder order
     regions: list[Region]
+    fused: int  # sibling groups fused horizontally
     read: list[int]  # input positions of the parameters the folds read
+    keep: list[int]  # input positions the folded graph still takes, in order
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.regions or self.fused)
 
 
 class FoldedGraph:
@@ -175,9 +210,11 @@ class FoldedGraph:
         check: bool,
         tolerance: float | None,
         weight_check: str = "metadata",
+        horizontal: HorizontalMode = "auto",
     ) -> None:
         self.original, self.constants, self.compile_inner = gm, constants, compile_inner
-        self.check, self.tolerance = check, tolerance
+        self.check, self.tolerance, self.horizontal = check, tolerance, horizontal
+        self.constant_positions = frozenset(constants.values())
         self.by_value, self.sampled = weight_check == "values", weight_check == "sampled"
         self.stale = False
         self.pristine = copy.deepcopy(gm.graph)
@@ -185,19 +222,22 @@ class FoldedGraph:
         self.static = not any(_symbolic(x) for x in example_inputs)
         # Inputs other than parameters are kept (cloned) to re-check a refold against the original.
         concrete = [_concrete(x) for x in example_inputs]
-        self.examples = [x if i in constants.values() else _clone(x) for i, x in enumerate(concrete)]
+        self.examples = [x if i in self.constant_positions else _clone(x) for i, x in enumerate(concrete)]
         self.refolds = 0
         fold = self._fold(concrete)
-        self.active = bool(fold.regions)
+        self.active = fold.changed
         if self.active:
             _LIVE.add(self)
-            log.info("branchfold: folded %d region(s) of a dynamo graph", len(fold.regions))
+            log.info(
+                "branchfold: folded %d region(s) of a dynamo graph%s", len(fold.regions),
+                f", fused {fold.fused} sibling group(s)" if fold.fused else "",
+            )  # fmt: skip
             self._install(fold, example_inputs)
             self.folded_gm = fold.gm
 
     def compile(self, example_inputs: Sequence) -> FoldedGraph:
-        """Compile the folded graph with the inner backend; folded weights follow the example inputs."""
-        self.compiled = self.compile_inner(self.folded_gm, list(example_inputs) + self.tensors)
+        """Compile the folded graph with the inner backend: the inputs it keeps, then the folded weights."""
+        self.compiled = self.compile_inner(self.folded_gm, list(self.select(example_inputs)) + self.tensors)
         return self
 
     # -- the hot path ---------------------------------------------------------------------------------
@@ -205,14 +245,22 @@ class FoldedGraph:
     def __call__(self, *args: Any) -> Any:
         if self.stale or not self.fresh(args):
             self._refold(args)
-        return self.compiled(*args, *self.tensors)
+        return self.compiled(*self.select(args), *self.tensors)
 
     def fresh(self, args: Sequence) -> bool:
-        """Whether every parameter the folds read is the same tensor, unmodified, as at fold time."""
-        for i, tensor, version, ptr in self.watch:
-            a = args[i]
-            if a is not tensor or a._version != version or a.data_ptr() != ptr:
-                return False
+        """Whether every parameter the folds read is the same tensor, unmodified, as at fold time.
+
+        One pass per property over the watched inputs, each a C-level ``map`` compared with the list
+        taken at fold time: version counters first (optimizer steps, ``load_state_dict`` and in-place
+        updates all bump them), then identity (a replaced parameter) and data pointers (``p.data = t``).
+        """
+        watched = self.pick(args)
+        if (
+            list(map(_VERSION, watched)) != self.versions
+            or not all(map(operator.is_, watched, self.watched))
+            or list(map(_DATA_PTR, watched)) != self.pointers
+        ):
+            return False
         if self.sampled and self.samples and not torch.equal(torch.cat(self.samples), self.sampled_at_fold):
             return False
         if self.by_value:
@@ -225,24 +273,32 @@ class FoldedGraph:
         """Fold with ``inputs``' parameters as constants; regions that fail the check are undone."""
         consts = {name: inputs[i] for name, i in self.constants.items()}
 
-        def attempt(select: Callable[[Region], bool] | None) -> _Fold:
+        def attempt(select: Callable[[Region], bool] | None, horizontal: HorizontalMode) -> _Fold:
             gm = fx.GraphModule(self.original, copy.deepcopy(self.pristine), class_name="BranchfoldGraph")
-            fold = FoldBranchesPass(consts, select)
+            fold, fuse = FoldBranchesPass(consts, select), HorizontalFusionPass(horizontal, consts)
             with torch.no_grad():
                 fold.call(gm)
-            tensors = [t for _, _, t in lift_folded_weights(gm)]
+                fuse.call(gm)
             users = {n.name: len(n.users) for n in gm.graph.nodes if n.op == "placeholder"}
             read = [i for name, i in self.constants.items() if users[name] < self.users[name]]
-            return _Fold(gm, tensors, fold.result.regions, read)
+            keep = drop_unread_constants(gm, self.constants)
+            tensors = [t for _, _, t in lift_folded_weights(gm)]
+            return _Fold(gm, tensors, fold.result.regions, len(fuse.result.fused), read, keep)
 
-        fold = attempt(None)
-        if not self.check or not fold.regions or self._agrees(fold, inputs):
+        horizontal = self.horizontal
+        fold = attempt(None, horizontal)
+        if not self.check or not fold.changed or self._agrees(fold, inputs):
             return fold
+        if fold.fused:  # a speed rewrite is the first thing to give up
+            horizontal = "off"
+            fold = attempt(None, horizontal)
+            if not fold.regions or self._agrees(fold, inputs):
+                return fold
         names = [r.value.name for r in fold.regions]
-        good = bisect_passing(names, lambda keep: self._agrees(attempt(only(keep)), inputs))
-        fold = attempt(only(good))
+        good = bisect_passing(names, lambda keep: self._agrees(attempt(only(keep), horizontal), inputs))
+        fold = attempt(only(good), horizontal)
         if fold.regions and not self._agrees(fold, inputs):  # each part passed, together they do not
-            good, fold = [], attempt(only([]))
+            good, fold = [], attempt(only([]), horizontal)
         log.warning("branchfold: %d of %d folds differed from the original and were undone", len(names) - len(good), len(names))
         return fold
 
@@ -252,12 +308,12 @@ class FoldedGraph:
         Only non-scalar tensors that are not parameters are randomized: 0-d tensors are Python scalars
         dynamo lifted (a LayerNorm's eps), where random values mean nothing.
         """
-        free = [i for i, x in enumerate(inputs) if i not in self.constants.values() and _randomizable(x)]
+        free = [i for i, x in enumerate(inputs) if i not in self.constant_positions and _randomizable(x)]
         fresh = dict(zip(free, verify.random_inputs([inputs[i] for i in free], torch.Generator().manual_seed(0))))
         sets = [list(inputs), [fresh.get(i, x) for i, x in enumerate(inputs)]]
         outcome = verify.check(
             lambda *a: self.original(*a),
-            lambda *a: fold.gm(*a, *fold.tensors),
+            lambda *a: fold.gm(*[a[i] for i in fold.keep], *fold.tensors),
             [(s, {}) for s in sets],
             self.tolerance,
         )
@@ -266,7 +322,12 @@ class FoldedGraph:
     def _install(self, fold: _Fold, inputs: Sequence) -> None:
         self.code = fold.gm.code
         self.tensors = fold.tensors
+        self.select = _picker(fold.keep)
         self.watch = [(i, inputs[i], inputs[i]._version, inputs[i].data_ptr()) for i in fold.read]
+        self.pick = _picker(fold.read)
+        self.watched = [t for _, t, _, _ in self.watch]
+        self.versions = [v for _, _, v, _ in self.watch]
+        self.pointers = [p for _, _, _, p in self.watch]
         self.snapshots = [(i, inputs[i].detach().clone()) for i in fold.read] if self.by_value else []
         self.samples = [_sample(inputs[i]) for i in fold.read] if self.sampled else []
         self.sampled_at_fold = torch.cat(self.samples).clone() if self.samples else None
@@ -279,20 +340,20 @@ class FoldedGraph:
         would fix the shapes), so that rare case runs the new folded graph eagerly and says so.
         """
         self.refolds += 1
-        live = [x if i in self.constants.values() else self.examples[i] for i, x in enumerate(args)]
+        live = [x if i in self.constant_positions else self.examples[i] for i, x in enumerate(args)]
         try:
             fold = self._fold(live)
         except Exception as e:  # never serve stale weights: the original graph reads the live ones
             log.warning("branchfold: refolding failed (%s: %s); running the graph unfolded", type(e).__name__, e)
-            self.compiled, self.tensors, self.watch, self.snapshots = self.original, [], [], []
-            self.samples = []
-            self.stale = False
+            unfolded = _Fold(self.original, [], [], 0, [], list(range(len(args))))
+            self._install(unfolded, args)
+            self.compiled = self.original
             return
         self.folded_gm = fold.gm
         if fold.gm.code != self.code:
             if self.static:
                 log.warning("branchfold: the new weights change the folded graph; compiling it again")
-                self.compiled = self.compile_inner(fold.gm, list(live) + fold.tensors)
+                self.compiled = self.compile_inner(fold.gm, [live[i] for i in fold.keep] + fold.tensors)
             else:
                 log.warning(
                     "branchfold: the new weights change the folded graph of a dynamic-shape compile; it runs "
@@ -321,6 +382,23 @@ def _concrete(x: Any) -> Any:
 
 def _clone(x: Any) -> Any:
     return x.detach().clone() if isinstance(x, torch.Tensor) else x
+
+
+def drop_unread_constants(gm: fx.GraphModule, constants: dict[str, int]) -> list[int]:
+    """Remove the parameter placeholders the folded graph no longer reads; the input positions kept.
+
+    Dynamo passes every parameter and buffer the module touched (330 on the MobileOne zoo model); once
+    folded, most are dead. The inner backend's wrapper handles each input on every call, so the graph it
+    compiles takes only the live ones and ``FoldedGraph`` picks them from dynamo's arguments.
+    """
+    keep = []
+    for i, node in enumerate([n for n in gm.graph.nodes if n.op == "placeholder"]):
+        if node.name in constants and not node.users:
+            gm.graph.erase_node(node)
+        else:
+            keep.append(i)
+    gm.recompile()
+    return keep
 
 
 def lift_folded_weights(

@@ -79,7 +79,7 @@ def test_seed_vit_folds_to_the_single_path_graph():
     model = small_vit()
     plain = ZOO["seed-vit"].single_path(model).eval()
     x = model.example_input(3)
-    rec, rec_plain = Recorder(), Recorder()
+    rec, rec_plain = Recorder(horizontal="off"), Recorder(horizontal="off")
     with torch.no_grad():
         out = torch.compile(model, backend=rec)(x)
         torch.compile(plain, backend=rec_plain)(x)
@@ -88,6 +88,17 @@ def test_seed_vit_folds_to_the_single_path_graph():
     # 6 linears per block (q, k, v, proj, fc1, fc2) + head, as in the hand-written single path
     assert linear_calls(rec.folded.code) == linear_calls(rec_plain.folded.original.code) == 7
     assert linear_calls(rec.folded.original.code) == 6 * 4 + 1
+
+
+def test_seed_vit_fuses_q_k_v_like_fold_does():
+    """The default ``horizontal="auto"`` also fuses the folded q, k, v into one linear, as ``fold()`` does."""
+    model = small_vit()
+    x = model.example_input(3)
+    rec = Recorder()
+    with torch.no_grad():
+        out = torch.compile(model, backend=rec)(x)
+    assert close(model(x), out)
+    assert linear_calls(rec.folded.code) == 5  # q|k|v, proj, fc1, fc2, head
 
 
 def test_hugging_face_bert_under_the_backend():
@@ -188,6 +199,59 @@ def test_in_place_parameter_changes_refold_without_recompiling():
         compiled(x)
     assert folded.refolds == len(mutations)  # nothing changed: no refold
     assert len([c for c in rec.compiled if isinstance(c, FoldedGraph)]) == 1  # never recompiled
+
+
+class WideStack(nn.Module):
+    """40 blocks of 4 summed parallel linears: 320 parameters, all folded."""
+
+    def __init__(self, blocks: int = 40, branches: int = 4, dim: int = 8) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            nn.ModuleList(nn.Linear(dim, dim) for _ in range(branches)) for _ in range(blocks)
+        )
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = torch.tanh(sum(branch(x) for branch in block))
+        return x
+
+
+def test_a_model_with_hundreds_of_parameters_refolds_after_every_kind_of_update():
+    torch.manual_seed(0)
+    model = WideStack().eval()
+    assert len(list(model.parameters())) > 300
+    x = torch.randn(4, 8)
+    rec = Recorder()
+    compiled = torch.compile(model, backend=rec)
+    with torch.no_grad():
+        assert close(model(x), compiled(x))
+    folded = rec.folded
+    assert len(folded.watch) == 320
+    inner_inputs = [n for n in folded.folded_gm.graph.nodes if n.op == "placeholder"]
+    assert len(inner_inputs) == 1 + 2 * 40  # x and one folded weight and bias per block: no parameter
+
+    def optimizer_step():
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        model(x).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    updates = [
+        optimizer_step,
+        lambda: model.load_state_dict(saved),
+        lambda: model.blocks[37][2].bias.add_(0.5),  # in place under no_grad, deep in the stack
+    ]
+    for i, update in enumerate(updates):
+        with torch.set_grad_enabled(update is optimizer_step):
+            update()
+        with torch.no_grad():
+            assert close(model(x), compiled(x)), f"update {i} served stale folded weights"
+        assert folded.refolds == i + 1
+    with torch.no_grad():
+        compiled(x)
+    assert folded.refolds == len(updates)
+    assert len([c for c in rec.compiled if isinstance(c, FoldedGraph)]) == 1
 
 
 def test_writes_through_data_are_caught_by_the_sampled_check():
