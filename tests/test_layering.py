@@ -202,3 +202,25 @@ def test_lazy_imports_count_and_type_checking_imports_do_not(tmp_path, monkeypat
         "line 3: imports branchfold.sub._impl",
     ]
     assert _private_uses("branchfold.sub") == []  # a package may use its own private modules
+
+
+# The folders, bottom to top: a module may import its own folder and those below it, never one above.
+LAYERS = ["rewriter", "patterns", "adapters", "passes"]
+
+
+def _layer(module: str) -> int | None:
+    parts = module.split(".")
+    return LAYERS.index(parts[1]) if len(parts) > 1 and parts[1] in LAYERS else None
+
+
+def test_folders_import_one_way():
+    upward = []
+    for module in MODULES:
+        mine = _layer(module)
+        if mine is None:
+            continue
+        for imp in imports_of(module):
+            theirs = _layer(imp.module)
+            if theirs is not None and theirs > mine:
+                upward.append(f"{module}:{imp.line} imports {imp.module} ({LAYERS[theirs]} is above {LAYERS[mine]})")
+    assert not upward, "\n".join(upward)

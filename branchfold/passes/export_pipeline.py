@@ -22,13 +22,13 @@ from torch.export.graph_signature import ExportGraphSignature, InputKind, InputS
 from torch.fx.experimental.symbolic_shapes import guarding_hint_or_throw
 from torch.utils import _pytree as pytree
 
+from branchfold.adapters.fx import FxFoldResult
 from branchfold.errors import InputError
 from branchfold.passes import verify as verification
 from branchfold.passes.backend import lift_folded_weights
 from branchfold.passes.fx import FoldBranchesPass
 from branchfold.passes.pipeline import FoldResult, build_report, seeded_run
 from branchfold.passes.undo import bisect_passing, only
-from branchfold.rewriter.fx_adapter import FxFoldResult
 from branchfold.rewriter.region import Region
 
 LIFTED = (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)

@@ -11,9 +11,9 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils import _pytree as pytree
 
+from branchfold.adapters.fx import FxFoldResult, fold_graph
 from branchfold.passes.fx_inplace import CATEGORY as IN_PLACE
 from branchfold.passes.fx_inplace import FunctionalizeInPlacePass, Mutations
-from branchfold.rewriter.fx_adapter import FxFoldResult, fold_graph
 from branchfold.rewriter.region import NotFolded, Region
 
 

@@ -21,6 +21,7 @@ import torch
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from branchfold.adapters.fx import Emitter, uses_aten
 from branchfold.passes.fx_inplace import FunctionalizeInPlacePass, Mutations
 from branchfold.patterns import horizontal
 from branchfold.patterns.fx_ops import FxContext, recognize
@@ -34,7 +35,6 @@ from branchfold.patterns.horizontal import (
     Policy,
 )
 from branchfold.rewriter.affine import Conv, Dense
-from branchfold.rewriter.fx_adapter import Emitter, uses_aten
 from branchfold.rewriter.region import WalkResult
 
 aten = torch.ops.aten

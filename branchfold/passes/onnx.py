@@ -14,7 +14,7 @@ from collections.abc import Callable
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
-from branchfold.rewriter.onnx_adapter import OnnxFoldResult, fold_graph
+from branchfold.adapters.onnx import OnnxFoldResult, fold_graph
 from branchfold.rewriter.region import Region
 
 

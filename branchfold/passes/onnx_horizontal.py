@@ -19,6 +19,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 import torch
 
+from branchfold.adapters.onnx import Emitter
 from branchfold.patterns import horizontal
 from branchfold.patterns.horizontal import (
     ONNX_POLICY,
@@ -31,7 +32,6 @@ from branchfold.patterns.horizontal import (
 )
 from branchfold.patterns.onnx_ops import OnnxContext, recognize
 from branchfold.rewriter.affine import Conv, Dense, Diagonal, Refusal, compose_maps
-from branchfold.rewriter.onnx_adapter import Emitter
 from branchfold.rewriter.region import WalkResult
 
 

@@ -22,6 +22,7 @@ import onnx
 import onnx_ir as ir
 import torch
 
+from branchfold.adapters.onnx import OnnxFoldResult
 from branchfold.errors import BranchfoldError, InputError
 from branchfold.passes import verify as checks
 from branchfold.passes.onnx import fold_passes
@@ -31,7 +32,6 @@ from branchfold.passes.runtime_guard import FusionGuard, Loss, check_transformer
 from branchfold.passes.undo import bisect_passing, only
 from branchfold.patterns.horizontal import HorizontalMode, HorizontalResult, check_mode
 from branchfold.report import FoldReport, Skipped, Totals, region_report, skipped_report
-from branchfold.rewriter.onnx_adapter import OnnxFoldResult
 from branchfold.rewriter.region import Region
 
 Progress = Callable[[str], None]

@@ -12,6 +12,7 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
 
+from branchfold.adapters.fx import FxFoldResult
 from branchfold.errors import CaptureError, InputError
 from branchfold.passes import verify
 from branchfold.passes.capture import (
@@ -30,7 +31,6 @@ from branchfold.passes.fx_horizontal import HorizontalFusionPass
 from branchfold.passes.undo import bisect_passing, only
 from branchfold.patterns.horizontal import HorizontalMode, HorizontalResult, check_mode
 from branchfold.report import FoldedRegion, FoldReport, Skipped, Totals, region_report, skipped_report
-from branchfold.rewriter.fx_adapter import FxFoldResult
 from branchfold.rewriter.region import Region
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)

@@ -61,7 +61,7 @@ def test_hf_model_folds_as_pinned_for_static_capture_and_runs_at_any_batch(name)
     rep = (r := branchfold.fold_with_report(model, (img(size),), horizontal="off", random_checks=0)).report
     assert rep.verified and rep.max_error <= 1e-5 and rep.checked_batches == [2, 1] and not _static_notes(rep)
     # LeViT's ("linear", "batch_norm") regions need linear → flatten → BN1d → reshape read under a free
-    # batch (rewriter/fx_adapter.py's ``_through_views``, sizes as expressions of the batch).
+    # batch (adapters/fx.py's ``_through_views``, sizes as expressions of the batch).
     assert _regions(rep) == expected
     assert (rep.before.ops, rep.after.ops) == (ops_before, ops_after)
     for batch in (1, 5):

@@ -15,9 +15,9 @@ import torch
 from onnx import helper
 
 import branchfold
+from branchfold.adapters import onnx as onnx_adapter
 from branchfold.errors import InputError
 from branchfold.passes.onnx_pipeline import fold_onnx
-from branchfold.rewriter import onnx_adapter
 from branchfold.zoo import ZOO
 
 R = np.random.default_rng(0)

@@ -16,9 +16,9 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
+from branchfold.adapters.onnx_reshapes import UnflattenedOp, read_through_reshapes
 from branchfold.patterns.onnx_ops import OnnxContext, mark_shared, recognize
 from branchfold.rewriter.affine import Conv, Dense, Diagonal
-from branchfold.rewriter.onnx_reshapes import UnflattenedOp, read_through_reshapes
 from branchfold.rewriter.region import NotFolded, Op, Region, SplitSource, WalkResult, find_regions
 
 
