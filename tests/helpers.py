@@ -162,6 +162,18 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
+def small_bert():
+    """A one-layer Hugging Face BERT with random weights and no dropout (transformers is a test dependency)."""
+    import transformers
+
+    config = transformers.BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=16, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.BertModel(config).eval()
+
+
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     """A deep copy of every parameter and buffer, to prove a model was not modified."""
     return {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
@@ -173,4 +185,4 @@ def unchanged(model: nn.Module, snap: dict[str, torch.Tensor]) -> bool:
 
 
 __all__ = ["DIALECTS", "Folded", "assert_close", "capture", "copy", "count_kind", "dynamo_graph", "fold_in",
-           "fresh", "randomize_bn", "rel_err", "snapshot", "unchanged"]  # fmt: skip
+           "fresh", "randomize_bn", "rel_err", "small_bert", "snapshot", "unchanged"]  # fmt: skip

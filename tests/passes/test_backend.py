@@ -12,6 +12,7 @@ import textwrap
 
 import pytest
 import torch
+from helpers import small_bert
 from torch import nn
 
 from branchfold.errors import InputError
@@ -102,13 +103,7 @@ def test_seed_vit_fuses_q_k_v_like_fold_does():
 
 
 def test_hugging_face_bert_under_the_backend():
-    transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(
-        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=16, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = transformers.BertModel(config).eval()
+    model = small_bert()
     ids = torch.randint(0, 64, (2, 8))
     rec = Recorder()
     with torch.no_grad():

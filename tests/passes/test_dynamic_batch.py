@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 import torch
-from helpers import randomize_bn, rel_err
+from helpers import randomize_bn, rel_err, small_bert
 from torch import nn
 
 import branchfold
@@ -70,13 +70,7 @@ def test_hf_model_folds_as_pinned_for_static_capture_and_runs_at_any_batch(name)
 
 
 def test_bert_folds_with_free_batch_and_sequence_length():
-    transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(
-        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=16, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = transformers.BertModel(config).eval()
+    model = small_bert()
     ids, mask = torch.randint(0, 64, (2, 8)), torch.ones(2, 8, dtype=torch.long)
     mask[1, 6:] = 0
     inputs = {"input_ids": ids, "attention_mask": mask}
