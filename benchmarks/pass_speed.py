@@ -271,7 +271,7 @@ def vit_b_rows(rounds: int, log: Callable[[str], None]) -> list[dict]:
             model, args = build(), inputs()
             start = time.perf_counter()
             with quiet():
-                gm = capture(model, args, {}, "export")
+                gm = capture(model, args, {}, "export").module
             capture_s = time.perf_counter() - start
             timing = interleaved_fresh({"fx": (lambda gm=gm: fx_copy(gm), fx_fold)}, rounds)["fx"]
             regions = fx_fold(fx_copy(gm))
