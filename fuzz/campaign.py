@@ -31,6 +31,7 @@ from torch import fx, nn
 import branchfold
 from branchfold.errors import BranchfoldError
 from branchfold.passes import verify
+from branchfold.passes.capture import dynamo_graph
 from fuzz.generator import Spec, build, example, foldable_blocks
 
 FX_PATHS = ("symbolic_trace", "export", "dynamo-backend", "dynamo-pass")
@@ -151,36 +152,13 @@ class _BackendFailures(logging.Handler):
             self.messages.append(record.getMessage())
 
 
-def _dynamo_graph(model: nn.Module, x: torch.Tensor) -> tuple[fx.GraphModule, dict, Callable]:
-    """The graph dynamo hands a backend, its weight placeholders as constants, and a runner."""
-    got: dict = {}
-
-    def backend(gm, example_inputs):
-        got["gm"], got["inputs"] = gm, list(example_inputs)
-        return gm.forward
-
-    torch._dynamo.reset()
-    with torch.no_grad():
-        torch.compile(model, backend=backend, fullgraph=True, dynamic=False)(x)
-    torch._dynamo.reset()
-    gm, inputs = got["gm"], got["inputs"]
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    user = [i for i, t in enumerate(inputs) if t is x]
-    constants = {p.name: t for i, (p, t) in enumerate(zip(placeholders, inputs)) if i not in user}
-
-    def run(z):
-        return gm(*[z if i in user else t for i, t in enumerate(inputs)])
-
-    return gm, constants, run
-
-
 def _fold_fx(model: nn.Module, x: torch.Tensor, case: Case) -> tuple[Callable, Callable | None, list[str]]:
     """(folded runner, op counter or None, notes); raises what folding raises."""
     if case.path in ("symbolic_trace", "export"):
         result = branchfold.fold_with_report(model, (x,), capture=case.path, verify=case.verify)
         return result.model, (lambda: count_linear_ops(result.model)), result.report.notes
     if case.path == "dynamo-pass":
-        gm, constants, run = _dynamo_graph(model, x)
+        gm, constants, run = dynamo_graph(model, (x,))
         from branchfold.passes.fx import FoldBranchesPass, ShapePropPass, has_shapes
 
         if not has_shapes(gm):

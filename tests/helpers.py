@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
+from branchfold.passes.capture import dynamo_graph
 from branchfold.passes.fx import FoldBranchesPass, ShapePropPass, has_shapes
 from branchfold.passes.pipeline import count_ops
 from branchfold.rewriter.region import NotFolded, Region
@@ -48,35 +49,6 @@ def count_kind(gm: fx.GraphModule, kind: str) -> int:
         elif node.op == "call_function":
             n += node.target in TARGETS[kind]
     return n
-
-
-def dynamo_graph(model: nn.Module, inputs: Sequence[torch.Tensor]) -> tuple[fx.GraphModule, dict, Callable]:
-    """The graph dynamo hands a ``torch.compile`` backend, the placeholder constants, and a runner.
-
-    Parameters and buffers reach the backend as placeholders; the ones that are not user inputs are
-    the constants ``FoldBranchesPass(constants=...)`` needs.
-    """
-    got: dict = {}
-
-    def backend(gm, example_inputs):
-        got["gm"], got["inputs"] = gm, list(example_inputs)
-        return gm.forward
-
-    torch._dynamo.reset()
-    with torch.no_grad():
-        torch.compile(model, backend=backend, fullgraph=True, dynamic=False)(*inputs)
-    torch._dynamo.reset()
-    gm, example = got["gm"], got["inputs"]
-    user = {id(t) for t in inputs}
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    constants = {p.name: t for p, t in zip(placeholders, example) if id(t) not in user}
-    order = [id(t) for t in example]
-
-    def run(*xs):
-        by_id = dict(zip([id(t) for t in inputs], xs))
-        return gm(*[by_id.get(i, t) for i, t in zip(order, example)])
-
-    return gm, constants, run
 
 
 @dataclass
