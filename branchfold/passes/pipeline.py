@@ -95,15 +95,17 @@ def fold_module(
     gm = captured.module
     if not has_shapes(gm):
         ShapePropPass(_flat_inputs(gm, args, kwargs)).call(gm)
-    pristine = copy.deepcopy(gm.graph)
-
+    # Weight-only subgraphs computed once (exact: the same ops, run now), on a copy: ``gm`` stays the
+    # captured graph the report counts from, and every attempt below starts from the folded constants.
+    constants = fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
     constant_fold = ConstantFoldPass()
+    constant_fold.call(constants)
+    pristine = copy.deepcopy(constants.graph)
 
     def attempt(
         select: Callable[[Region], bool] | None, fuse_mode: HorizontalMode
     ) -> tuple[fx.GraphModule, FxFoldResult, HorizontalResult]:
-        candidate = fx.GraphModule(gm, copy.deepcopy(pristine), class_name=type(gm).__name__)
-        constant_fold.call(candidate)  # weight-only subgraphs computed once (exact: the same ops, run now)
+        candidate = fx.GraphModule(constants, copy.deepcopy(pristine), class_name=type(gm).__name__)
         fold = FoldBranchesPass(select=select)
         fold.call(candidate)
         fuse = HorizontalFusionPass(fuse_mode)
