@@ -18,7 +18,7 @@ from torch import fx, nn
 
 from branchfold.patterns import reshapes
 from branchfold.patterns.fx_ops import FxContext, dtype_of, recognize
-from branchfold.rewriter.affine import Conv, Dense, Diagonal, cast_tensor, out_channels
+from branchfold.rewriter.affine import Conv, Dense, Diagonal, Tensorish, cast_tensor, out_channels, value
 from branchfold.rewriter.region import NotFolded, Op, Region, SplitSource, WalkResult, find_regions
 
 aten = torch.ops.aten
@@ -322,7 +322,7 @@ class Emitter:
 
     # -- writing ops ------------------------------------------------------------------------------
 
-    def _param(self, t: torch.Tensor, dtype, device, hint: str) -> fx.Node:
+    def _param(self, t: Tensorish, dtype, device, hint: str) -> fx.Node:
         """A fresh parameter for a folded tensor; equal tensors are stored once.
 
         A module called from several places (GroupedMLP) folds to the same weights at each call site:
@@ -349,7 +349,7 @@ class Emitter:
     def _apply(self, m, src: fx.Node, dtype, device, like: fx.Node) -> fx.Node:
         if isinstance(m, Dense):
             w = self._param(m.weight, dtype, device, "weight")
-            b = self._param(m.bias, dtype, device, "bias") if bool((m.bias != 0).any()) else None
+            b = self._param(m.bias, dtype, device, "bias") if bool((value(m.bias) != 0).any()) else None
             return self._call(F.linear, aten.linear.default, (src, w, b))
         if isinstance(m, Conv):
             return self._conv(m, src, dtype, device)
@@ -366,7 +366,7 @@ class Emitter:
                 src = self.graph.call_function(F.pad, (src, flat), {"mode": mode})
             pads = (0,) * m.nd
         w = self._param(m.weight, dtype, device, "weight")
-        b = self._param(m.bias, dtype, device, "bias") if bool((m.bias != 0).any()) else None
+        b = self._param(m.bias, dtype, device, "bias") if bool((value(m.bias) != 0).any()) else None
         args = (src, w, b, list(m.stride), list(pads), list(m.dilation), m.groups)
         fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[m.nd]
         afn = {1: aten.conv1d.default, 2: aten.conv2d.default, 3: aten.conv3d.default}[m.nd]

@@ -18,7 +18,7 @@ import torch
 
 from branchfold.adapters.onnx_reshapes import UnflattenedOp, read_through_reshapes
 from branchfold.patterns.onnx_ops import OnnxContext, mark_shared, recognize
-from branchfold.rewriter.affine import Conv, Dense, Diagonal
+from branchfold.rewriter.affine import Conv, Dense, Diagonal, Tensorish, value
 from branchfold.rewriter.region import NotFolded, Op, Region, SplitSource, WalkResult, find_regions
 
 
@@ -168,8 +168,9 @@ class Emitter:
 
     # -- writing ops ------------------------------------------------------------------------------
 
-    def _initializer(self, t: torch.Tensor, dtype: ir.DataType | None, hint: str) -> ir.Value:
+    def _initializer(self, t: Tensorish, dtype: ir.DataType | None, hint: str) -> ir.Value:
         dtype = dtype or ir.DataType.FLOAT
+        t = value(t) if dtype.is_floating_point() else t
         arr = t.detach().cpu().numpy().astype(dtype.numpy()) if dtype.is_floating_point() else t.numpy()
         tensor = ir.tensor(np.ascontiguousarray(arr), dtype=dtype if dtype.is_floating_point() else None)
         name = self.fresh(hint)
@@ -190,8 +191,8 @@ class Emitter:
     def _apply(self, m, src: ir.Value, like: ir.Value) -> ir.Value:
         dtype = like.dtype
         if isinstance(m, Dense):
-            w = self._initializer(m.weight.t(), dtype, "weight")  # stored as [in, out] like the exporters
-            has_bias = bool((m.bias != 0).any())
+            w = self._initializer(value(m.weight).t(), dtype, "weight")  # stored as [in, out] like the exporters
+            has_bias = bool((value(m.bias) != 0).any())
             if src.shape is not None and len(src.shape) == 2 and has_bias:
                 b = self._initializer(m.bias, dtype, "bias")
                 return self._node("Gemm", [src, w, b], like)
@@ -212,7 +213,7 @@ class Emitter:
             src = self._node("Pad", [src, pad_amounts], like, [ir.AttrString("mode", mode)], final=False)
             pads = [0] * (2 * m.nd)
         inputs = [src, self._initializer(m.weight, like.dtype, "weight")]
-        if bool((m.bias != 0).any()):
+        if bool((value(m.bias) != 0).any()):
             inputs.append(self._initializer(m.bias, like.dtype, "bias"))
         attrs = [
             ir.AttrInt64s("kernel_shape", list(m.kernel)),

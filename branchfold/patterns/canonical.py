@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from branchfold.rewriter.affine import F64, Conv, Dense, Diagonal, Refusal
+from branchfold.rewriter.affine import F64, Conv, Dense, Diagonal, Refusal, stored
 
 
 def _f64(t: torch.Tensor | float | int) -> torch.Tensor:
@@ -31,9 +31,8 @@ def linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Dense:
     """``x @ weight.T + bias`` (torch Linear / Gemm with transB)."""
     if weight.dim() != 2:
         raise Refusal("shape", f"linear weight of rank {weight.dim()}")
-    w = _f64(weight)
-    b = _f64(bias) if bias is not None else torch.zeros(w.shape[0], dtype=F64)
-    return Dense(w, b.expand(w.shape[0]).clone())
+    b = _f64(bias) if bias is not None else torch.zeros(weight.shape[0], dtype=F64)
+    return Dense(stored(weight), b.expand(weight.shape[0]).clone())
 
 
 def conv(
@@ -70,9 +69,8 @@ def conv(
         raise Refusal("geometry", f"padding mode {padding_mode!r}")
     if not any(p for pair in pads for p in pair):
         padding_mode = "zeros"  # without padding the mode means nothing
-    w = _f64(weight)
-    b = _f64(bias) if bias is not None else torch.zeros(w.shape[0], dtype=F64)
-    return Conv(w, b, stride, pads, dilation, int(groups), padding_mode)
+    b = _f64(bias) if bias is not None else torch.zeros(weight.shape[0], dtype=F64)
+    return Conv(stored(weight), b, stride, pads, dilation, int(groups), padding_mode)
 
 
 def batch_norm(

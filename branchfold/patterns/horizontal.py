@@ -21,7 +21,7 @@ from typing import Literal
 
 import torch
 
-from branchfold.rewriter.affine import F64, AffineMap, Conv, Dense, Refusal
+from branchfold.rewriter.affine import AffineMap, Conv, Dense, Refusal, value
 
 HorizontalMode = Literal["auto", "on", "off"]
 MODES: tuple[str, ...] = ("auto", "on", "off")
@@ -126,8 +126,8 @@ def concat(members: Sequence[Member]) -> Fused:
     first = members[0].map
     for m in members[1:]:
         check_pair(first, m.map)
-    weight = torch.cat([m.map.weight.to(F64) for m in members], dim=0)
-    bias = torch.cat([m.map.bias.to(F64) for m in members], dim=0)
+    weight = torch.cat([value(m.map.weight) for m in members], dim=0)
+    bias = torch.cat([value(m.map.bias) for m in members], dim=0)
     sizes = tuple(int(m.map.weight.shape[0]) for m in members)
     has_bias = any(m.has_bias for m in members)
     if isinstance(first, Dense):

@@ -15,6 +15,7 @@ value a constant, and which stored tensors does it come from" and "what is this 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -39,10 +40,24 @@ def _attr(node: ir.Node, name: str, default=None):
 
 
 def _to_numpy(t: ir.TensorProtocol) -> np.ndarray:
-    arr = t.numpy()
-    if t.dtype in FLOAT_TYPES:
-        return np.asarray(arr, dtype=np.float64)
-    return np.asarray(arr)
+    """The stored values as they are: no float64 copy (``canonical`` converts what a fold reads, when it
+    reads it), a view of the memory-mapped file for external data. bfloat16 (numpy has no such type)
+    becomes float32, which holds it exactly."""
+    arr = np.asarray(t.numpy())
+    if t.dtype == ir.DataType.BFLOAT16:
+        return arr.astype(np.float32)
+    return arr
+
+
+def _cast(node: ir.Node, args: list[np.ndarray]) -> np.ndarray | None:
+    """``Cast`` to a float type rounds to that type (float32 → float16 loses bits: fold what it stores)."""
+    to = _attr(node, "to")
+    if to not in {int(t) for t in FLOAT_TYPES}:
+        return None
+    target = ir.DataType(to)
+    if target == ir.DataType.BFLOAT16:
+        return np.asarray(args[0], dtype=np.float32).astype(target.numpy()).astype(np.float32)
+    return np.asarray(args[0]).astype(target.numpy())
 
 
 def _constant_attr(node: ir.Node) -> np.ndarray | None:
@@ -84,7 +99,7 @@ def _squeeze(node, args):
     return np.squeeze(args[0], axis=tuple(axes) if axes is not None else None)
 
 
-# Pure ops evaluated on constants (numpy, float64 for floats: folding is done in float64 anyway).
+# Pure ops evaluated on constants (numpy, in the constants' own dtype: these ops are exact in any dtype).
 _CONST_OPS: dict[str, Callable[[ir.Node, list[np.ndarray]], np.ndarray]] = {
     "Identity": lambda n, a: a[0],
     "Transpose": lambda n, a: np.transpose(a[0], _attr(n, "perm")),
@@ -92,7 +107,7 @@ _CONST_OPS: dict[str, Callable[[ir.Node, list[np.ndarray]], np.ndarray]] = {
     "Unsqueeze": _unsqueeze,
     "Squeeze": _squeeze,
     "Flatten": lambda n, a: a[0].reshape(int(np.prod(a[0].shape[: _attr(n, "axis", 1)])), -1),
-    "Cast": lambda n, a: a[0].astype(np.float64) if _attr(n, "to") in {int(t) for t in FLOAT_TYPES} else None,
+    "Cast": _cast,
     "Neg": lambda n, a: -a[0],
 }
 
@@ -113,12 +128,21 @@ class OnnxContext:
         return self._protected.get(node)
 
     def const(self, v: ir.Value | None) -> np.ndarray | None:
-        """The constant a value stands for (float64 for floats), or None if computed from inputs."""
+        """The constant a value stands for (in its stored dtype, possibly a read-only view of the
+        file), or None if computed from inputs."""
         return self._lookup(v)[0]
 
     def const_tensor(self, v: ir.Value | None) -> torch.Tensor | None:
+        """The constant as a torch tensor sharing its memory (read-only views included: nothing here
+        writes to it, and ``canonical`` copies what a fold reads into fresh float64 tensors)."""
         c = self.const(v)
-        return None if c is None else torch.from_numpy(np.array(c, dtype=np.float64))
+        if c is None:
+            return None
+        if c.dtype.byteorder == ">" or any(stride < 0 for stride in c.strides):
+            c = np.ascontiguousarray(c, dtype=c.dtype.newbyteorder("="))  # torch takes neither
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "the given NumPy array is not writable"
+            return torch.from_numpy(c)  # a transposed view stays a view: no copy of the weight
 
     def stored(self, v: ir.Value | None) -> frozenset[str]:
         """Names of the initializers a constant value is computed from (for the shared-weight check)."""
@@ -224,8 +248,8 @@ def _gemm(ctx, node):
         n_out = w.shape[0]
         if bias.dim() > 2 or (bias.dim() == 2 and bias.shape[0] != 1) or bias.numel() not in (1, n_out):
             raise Refusal("broadcast", f"Gemm bias of shape {tuple(bias.shape)} is not per output feature")
-        bias = beta * bias.reshape(-1).expand(n_out)
-    return a, canonical.linear(alpha * w, bias)
+        bias = beta * bias.double().reshape(-1).expand(n_out)
+    return a, canonical.linear(w if alpha == 1.0 else alpha * w.double(), bias)
 
 
 def _pads(node: ir.Node, nd: int, x_shape, kernel, strides, dilations) -> list[tuple[int, int]]:
@@ -449,7 +473,7 @@ def _mul_div(ctx: OnnxContext, node: ir.Node, out: ir.Value, div: bool) -> Op | 
         return None  # c / x is not linear
     x, c = (a, cb) if cb is not None else (b, ca)
     if div:
-        c = 1.0 / c
+        c = 1.0 / c.double()
     return Op(node, "affine", (x,), out, canonical.channel_constant(c, shape_of(ctx, x)), label="scale")
 
 

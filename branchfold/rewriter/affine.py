@@ -4,6 +4,12 @@ This is the only place where folding math lives: the FX and ONNX adapters turn o
 ask for ``add_maps`` / ``compose_maps``, and write the result back. Every map is held in float64 so that
 a chain of folds loses nothing before the final cast to the model's dtype.
 
+The weights of dense maps and convolutions are computed *lazily* (``Lazy``): recognizing an op keeps its
+stored weight as it is (no copy, no float64), and combining maps records the computation with its shape.
+The walk decides on shapes and costs alone, so a weight is converted to float64 and combined only when
+the region it belongs to is written (``value``): a 650 MB model whose ops mostly fold nowhere costs no
+float64 copies at all. Biases, scales and shifts stay small and eager where they do not need a weight.
+
 A map acts along one *channel axis*, written as a negative index so that it does not depend on the
 batch rank: a dense map on the last axis (-1), a d-dimensional convolution on axis -(d+1), a
 per-channel scale/shift on whichever axis its constant varies along (or on none: a scalar).
@@ -13,11 +19,59 @@ Maps on different axes never combine.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
 
 F64 = torch.float64
+
+
+class Lazy:
+    """A float64 tensor of known shape, computed from its operands each time it is read.
+
+    Nothing is cached: a region's weight is read once, when the region is written, and then only the
+    written tensor (in the model's dtype) stays alive. Caching would keep every folded region's float64
+    weights for as long as the report holds the region (1.2 GB for GPT-2's 24 LayerNorm folds)."""
+
+    __slots__ = ("shape", "_compute")
+
+    def __init__(self, shape: Sequence[int], compute: Callable[[], torch.Tensor]) -> None:
+        self.shape = torch.Size(shape)
+        self._compute = compute
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def get(self) -> torch.Tensor:
+        value = self._compute()
+        if tuple(value.shape) != tuple(self.shape):
+            raise AssertionError(f"lazy tensor of shape {tuple(self.shape)} computed as {tuple(value.shape)}")
+        return value
+
+
+Tensorish = torch.Tensor | Lazy
+
+
+def value(t: Tensorish) -> torch.Tensor:
+    """The float64 value of a map's tensor (computing a lazy one now)."""
+    if isinstance(t, Lazy):
+        return t.get()
+    return t if t.dtype == F64 else t.to(F64)
+
+
+def stored(t: torch.Tensor) -> Lazy:
+    """A stored weight (a parameter, an initializer, a memory-mapped tensor) as a lazy float64 tensor:
+    nothing is copied until a fold reads it, and then into a fresh float64 tensor (never an alias)."""
+    source = t.detach()
+    return Lazy(source.shape, lambda: source.to(device="cpu", dtype=F64, copy=True))
+
+
+def lazy(shape: Sequence[int], compute: Callable[[], torch.Tensor]) -> Lazy:
+    return Lazy(shape, compute)
 
 
 class Refusal(Exception):
@@ -67,8 +121,8 @@ class Diagonal:
 class Dense:
     """``x @ W.T + b`` on the last axis."""
 
-    weight: torch.Tensor  # [out, in]
-    bias: torch.Tensor  # [out]
+    weight: Tensorish  # [out, in]
+    bias: Tensorish  # [out]
     axis: int = field(default=-1, init=False)
 
     @property
@@ -95,8 +149,8 @@ class Conv:
     combined with identical geometry.
     """
 
-    weight: torch.Tensor  # [out, in/groups, *k]
-    bias: torch.Tensor  # [out]
+    weight: Tensorish  # [out, in/groups, *k]
+    bias: Tensorish  # [out]
     stride: tuple[int, ...]
     padding: tuple[tuple[int, int], ...]
     dilation: tuple[int, ...]
@@ -187,13 +241,18 @@ def _regroup(c: Conv, groups: int) -> Conv:
     assert c.groups % groups == 0
     out_c, in_per_g = c.out_channels, c.weight.shape[1]
     in_per_new = c.in_channels // groups
-    w = torch.zeros((out_c, in_per_new, *c.kernel), dtype=F64)
     out_per_g, out_per_new = out_c // c.groups, out_c // groups
-    for o in range(0, out_c, out_per_g):
-        g = o // out_per_g
-        base = g * in_per_g - (o // out_per_new) * in_per_new
-        w[o : o + out_per_g, base : base + in_per_g] = c.weight[o : o + out_per_g]
-    return replace(c, weight=w, groups=groups)
+
+    def regrouped() -> torch.Tensor:
+        weight = value(c.weight)
+        w = torch.zeros((out_c, in_per_new, *c.kernel), dtype=F64)
+        for o in range(0, out_c, out_per_g):
+            g = o // out_per_g
+            base = g * in_per_g - (o // out_per_new) * in_per_new
+            w[o : o + out_per_g, base : base + in_per_g] = weight[o : o + out_per_g]
+        return w
+
+    return replace(c, weight=lazy((out_c, in_per_new, *c.kernel), regrouped), groups=groups)
 
 
 def _diag_as_conv(d: Diagonal, like: Conv) -> Conv:
@@ -238,7 +297,7 @@ def _add_convs(a: Conv, b: Conv) -> Conv:
             raise Refusal(
                 "geometry", f"padding mode {a.padding_mode!r}/{b.padding_mode!r} needs identical geometry"
             )
-        return replace(a, weight=a.weight + b.weight, bias=a.bias + b.bias)
+        return replace(a, weight=_sum(a.weight, b.weight), bias=_sum(a.bias, b.bias))
     # Zero padding: place both kernels on the union of the input offsets each output reads.
     kernel, padding, slots_a, slots_b = [], [], [], []
     for ka, kb, (la, ha), (lb, hb), d in zip(a.kernel, b.kernel, a.padding, b.padding, a.dilation):
@@ -254,10 +313,22 @@ def _add_convs(a: Conv, b: Conv) -> Conv:
         slots_b.append(slice((-lb - start) // d, (-lb - start) // d + kb))
     if any(lo < 0 or hi < 0 for lo, hi in padding):
         raise Refusal("geometry", "the summed conv would need negative padding")
-    w = torch.zeros((a.out_channels, a.weight.shape[1], *kernel), dtype=F64)
-    w[(slice(None), slice(None), *slots_a)] += a.weight
-    w[(slice(None), slice(None), *slots_b)] += b.weight
-    return replace(a, weight=w, bias=a.bias + b.bias, padding=tuple(padding))
+    shape = (a.out_channels, a.weight.shape[1], *kernel)
+
+    def placed() -> torch.Tensor:
+        w = torch.zeros(shape, dtype=F64)
+        w[(slice(None), slice(None), *slots_a)] += value(a.weight)
+        w[(slice(None), slice(None), *slots_b)] += value(b.weight)
+        return w
+
+    return replace(a, weight=lazy(shape, placed), bias=_sum(a.bias, b.bias), padding=tuple(padding))
+
+
+def _sum(a: Tensorish, b: Tensorish) -> Tensorish:
+    """``a + b`` of two tensors of one shape; lazy when either side is."""
+    if isinstance(a, Lazy) or isinstance(b, Lazy):
+        return lazy(a.shape, lambda: value(a) + value(b))
+    return value(a) + value(b)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -278,14 +349,14 @@ def add_maps(a: AffineMap, b: AffineMap) -> AffineMap:
             if b.in_features != b.out_features:
                 raise Refusal("shape", "identity branch beside a non-square linear")
             scale, shift = _diag_vectors(a, b.out_features)
-            return Dense(b.weight + torch.diag(scale), b.bias + shift)
+            return Dense(_sum(b.weight, torch.diag(scale)), _sum(b.bias, shift))
         _, shift = _diag_vectors(a, b.out_channels)
         conv = _add_convs(_diag_as_conv(a, b), b)
-        return replace(conv, bias=conv.bias + shift)
+        return replace(conv, bias=_sum(conv.bias, shift))
     if isinstance(a, Dense) and isinstance(b, Dense):
         if a.weight.shape != b.weight.shape:
             raise Refusal("shape", f"linears of shapes {tuple(a.weight.shape)} and {tuple(b.weight.shape)}")
-        return Dense(a.weight + b.weight, a.bias + b.bias)
+        return Dense(_sum(a.weight, b.weight), _sum(a.bias, b.bias))
     if isinstance(a, Conv) and isinstance(b, Conv):
         return _add_convs(a, b)
     raise Refusal("geometry", f"cannot add {type(a).__name__} and {type(b).__name__}")
@@ -294,7 +365,11 @@ def add_maps(a: AffineMap, b: AffineMap) -> AffineMap:
 def negate(m: AffineMap) -> AffineMap:
     if isinstance(m, Diagonal):
         return Diagonal(-m.scale, -m.shift, m.axis)
-    return replace(m, weight=-m.weight, bias=-m.bias)
+    return replace(m, weight=_neg(m.weight), bias=_neg(m.bias))
+
+
+def _neg(t: Tensorish) -> Tensorish:
+    return lazy(t.shape, lambda: -value(t)) if isinstance(t, Lazy) else -value(t)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -311,34 +386,62 @@ def compose_maps(outer: AffineMap, inner: AffineMap) -> AffineMap:
     if isinstance(outer, Diagonal):
         scale, shift = _diag_vectors(outer, out_channels(inner))
         view = scale.reshape(-1, *([1] * (inner.weight.dim() - 1)))
-        return replace(inner, weight=inner.weight * view, bias=inner.bias * scale + shift)
+        return replace(inner, weight=_scaled(inner.weight, view), bias=_affine(inner.bias, scale, shift))
     if isinstance(inner, Diagonal):
         return _compose_after_diagonal(outer, inner)
     if isinstance(outer, Dense) and isinstance(inner, Dense):
         if outer.in_features != inner.out_features:
             raise Refusal("shape", "linear chain with mismatched widths")
-        return Dense(outer.weight @ inner.weight, outer.weight @ inner.bias + outer.bias)
+        return Dense(
+            lazy((outer.out_features, inner.in_features), lambda: value(outer.weight) @ value(inner.weight)),
+            lazy((outer.out_features,), lambda: value(outer.weight) @ value(inner.bias) + value(outer.bias)),
+        )
     if isinstance(outer, Conv) and isinstance(inner, Conv):
         return _compose_convs(outer, inner)
     raise Refusal("geometry", f"cannot chain {type(inner).__name__} into {type(outer).__name__}")
 
 
+def _scaled(t: Tensorish, factor: torch.Tensor) -> Tensorish:
+    """``t * factor`` (a broadcast of a small eager factor), lazy when ``t`` is."""
+    if isinstance(t, Lazy):
+        return lazy(t.shape, lambda: value(t) * factor)
+    return value(t) * factor
+
+
+def _affine(t: Tensorish, scale: torch.Tensor, shift: torch.Tensor) -> Tensorish:
+    if isinstance(t, Lazy):
+        return lazy(t.shape, lambda: value(t) * scale + shift)
+    return value(t) * scale + shift
+
+
 def _compose_after_diagonal(outer: Dense | Conv, inner: Diagonal) -> AffineMap:
     if isinstance(outer, Dense):
         scale, shift = _diag_vectors(inner, outer.in_features)
-        return Dense(outer.weight * scale, outer.weight @ shift + outer.bias)
+        bias = outer.bias
+        if inner.has_shift:
+            bias = lazy(outer.bias.shape, lambda: value(outer.weight) @ shift + value(outer.bias))
+        return Dense(_scaled(outer.weight, scale), bias)
     scale, shift = _diag_vectors(inner, outer.in_channels)
     g, in_per_g = outer.groups, outer.weight.shape[1]
     out_per_g = outer.out_channels // g
     spatial = [1] * outer.nd
-    w = outer.weight.reshape(g, out_per_g, in_per_g, *outer.kernel) * scale.reshape(g, 1, in_per_g, *spatial)
+    shape = outer.weight.shape
+
+    def weight() -> torch.Tensor:
+        w = value(outer.weight).reshape(g, out_per_g, in_per_g, *outer.kernel)
+        return (w * scale.reshape(g, 1, in_per_g, *spatial)).reshape(shape)
+
     bias = outer.bias
     if inner.has_shift:
         if outer.padding_mode == "zeros" and outer.has_padding:
             raise Refusal("padding-border", "a shift before a zero-padded conv is wrong at the borders")
-        per_in = outer.weight.reshape(g, out_per_g, in_per_g, -1).sum(-1)
-        bias = bias + (per_in * shift.reshape(g, 1, in_per_g)).sum(-1).reshape(-1)
-    return replace(outer, weight=w.reshape(outer.weight.shape), bias=bias)
+
+        def shifted() -> torch.Tensor:
+            per_in = value(outer.weight).reshape(g, out_per_g, in_per_g, -1).sum(-1)
+            return value(outer.bias) + (per_in * shift.reshape(g, 1, in_per_g)).sum(-1).reshape(-1)
+
+        bias = lazy(outer.bias.shape, shifted)
+    return replace(outer, weight=lazy(shape, weight), bias=bias)
 
 
 def _is_pointwise(c: Conv) -> bool:
@@ -357,19 +460,22 @@ def _compose_convs(outer: Conv, inner: Conv) -> Conv:
         # 1x1 then KxK: the 1x1 commutes with any padding mode; its bias only with no zero padding.
         # A grouped KxK (average pooling is depthwise) is widened to one group; the region's cost
         # check decides whether that pays.
-        if bool((inner.bias != 0).any()) and outer.padding_mode == "zeros" and outer.has_padding:
+        if bool((value(inner.bias) != 0).any()) and outer.padding_mode == "zeros" and outer.has_padding:
             raise Refusal("padding-border", "a 1x1 conv's bias before a zero-padded conv")
         outer = _regroup(outer, 1)
-        w1 = inner.weight.flatten(1)  # [mid, in]
-        w = torch.einsum("om...,mi->oi...", outer.weight, w1)
-        bias = outer.bias + torch.einsum("om...,m->o", outer.weight, inner.bias)
-        return replace(outer, weight=w, bias=bias)
+        o = outer
+        w = lazy((o.out_channels, inner.in_channels, *o.kernel),
+                 lambda: torch.einsum("om...,mi->oi...", value(o.weight), value(inner.weight).flatten(1)))
+        bias = lazy(o.bias.shape, lambda: value(o.bias) + torch.einsum("om...,m->o", value(o.weight), value(inner.bias)))
+        return replace(o, weight=w, bias=bias)
     if _is_pointwise(outer) and inner.groups == 1 and outer.padding_mode == "zeros":
-        w2 = outer.weight.flatten(1)  # [out, mid]
-        w = torch.einsum("om,mi...->oi...", w2, inner.weight)
-        return replace(inner, weight=w, bias=w2 @ inner.bias + outer.bias)
+        w = lazy((outer.out_channels, *inner.weight.shape[1:]),
+                 lambda: torch.einsum("om,mi...->oi...", value(outer.weight).flatten(1), value(inner.weight)))
+        bias = lazy(outer.bias.shape, lambda: value(outer.weight).flatten(1) @ value(inner.bias) + value(outer.bias))
+        return replace(inner, weight=w, bias=bias)
     raise Refusal("geometry", "only 1x1 convs (stride 1, no padding, no groups) chain into other convs")
 
 
-def cast_tensor(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return t.detach().to(dtype).contiguous()
+def cast_tensor(t: Tensorish, dtype: torch.dtype) -> torch.Tensor:
+    """A map's tensor in the model's dtype, always a fresh tensor (never an alias of a stored weight)."""
+    return value(t).detach().to(dtype, copy=True).contiguous()

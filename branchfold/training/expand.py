@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from branchfold.rewriter.affine import Conv, Dense
+from branchfold.rewriter.affine import Conv, Dense, value
 
 from .maps import branch_maps, layer_map, sum_maps
 from .modules import CONV_TYPES, BranchedConv, BranchedLinear
@@ -241,7 +241,8 @@ def _check_sum(layer: nn.Module, block: nn.Module) -> None:
         if (got.stride, got.padding, got.dilation, got.groups) != (want.stride, want.padding, want.dilation,
                                                                    want.groups):  # fmt: skip
             raise RuntimeError(f"expanded conv changed geometry: {got} vs {want}")
-    scale = max(want.weight.abs().max().item(), want.bias.abs().max().item() if want.bias.numel() else 0.0, 1e-30)
-    err = max((got.weight - want.weight).abs().max().item(), (got.bias - want.bias).abs().max().item())
+    got_w, got_b, want_w, want_b = value(got.weight), value(got.bias), value(want.weight), value(want.bias)
+    scale = max(want_w.abs().max().item(), want_b.abs().max().item() if want_b.numel() else 0.0, 1e-30)
+    err = max((got_w - want_w).abs().max().item(), (got_b - want_b).abs().max().item())
     if err > 1e-12 * scale:
         raise RuntimeError(f"expanded branches do not sum to the original weight (error {err:.3g})")

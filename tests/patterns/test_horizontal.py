@@ -8,7 +8,7 @@ import torch
 from branchfold.errors import InputError
 from branchfold.patterns import canonical, horizontal
 from branchfold.patterns.horizontal import Member, Policy
-from branchfold.rewriter.affine import Conv, Dense, Refusal
+from branchfold.rewriter.affine import Conv, Dense, Refusal, value
 
 
 def _dense(out: int, inp: int, bias: bool = True) -> Member:
@@ -26,12 +26,12 @@ def test_dense_concat_equals_each_output_with_partial_biases():
     members = [_dense(5, 8), _dense(3, 8, bias=False), _dense(7, 8)]
     fused = horizontal.concat(members)
     x = torch.randn(4, 8, dtype=torch.float64)
-    y = x @ fused.map.weight.T + fused.map.bias
+    y = x @ value(fused.map.weight).T + value(fused.map.bias)
     parts = y.split(list(fused.sizes), -1)
     assert fused.sizes == (5, 3, 7) and fused.has_bias
     for m, p in zip(members, parts):
-        torch.testing.assert_close(p, x @ m.map.weight.T + m.map.bias)
-    assert torch.count_nonzero(fused.map.bias[5:8]) == 0
+        torch.testing.assert_close(p, x @ value(m.map.weight).T + value(m.map.bias))
+    assert torch.count_nonzero(value(fused.map.bias)[5:8]) == 0
 
 
 def test_conv_concat_equals_each_output():
@@ -39,9 +39,9 @@ def test_conv_concat_equals_each_output():
     fused = horizontal.concat(members)
     assert isinstance(fused.map, Conv) and fused.sizes == (6, 2) and fused.axis == -3
     x = torch.randn(1, 4, 5, 5, dtype=torch.float64)
-    y = torch.nn.functional.conv2d(x, fused.map.weight, fused.map.bias, padding=1)
+    y = torch.nn.functional.conv2d(x, value(fused.map.weight), value(fused.map.bias), padding=1)
     for m, p in zip(members, y.split([6, 2], 1)):
-        torch.testing.assert_close(p, torch.nn.functional.conv2d(x, m.map.weight, m.map.bias, padding=1))
+        torch.testing.assert_close(p, torch.nn.functional.conv2d(x, value(m.map.weight), value(m.map.bias), padding=1))
 
 
 def test_groups_split_by_signature_and_keep_order():
