@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import json
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -77,8 +78,8 @@ def _fold(args: argparse.Namespace) -> int:
         raise InputError(f"output folder {out.parent} does not exist")
     with _progress(args, src) as say:
         say("reading the model")
-        model = onnx_io.load_model(src)
-        if args.progress == "auto" and len(model.graph.node) >= LARGE_MODEL_NODES:
+        model = onnx_io.load(src)
+        if args.progress == "auto" and len(model.graph) >= LARGE_MODEL_NODES:
             say.show()
         result = fold_onnx(
             model, verify=not args.no_verify, tolerance=args.tolerance, seed=args.seed, progress=say,
@@ -100,26 +101,39 @@ def _fold(args: argparse.Namespace) -> int:
 
 
 class _Say:
-    """A progress callback: a rich status line on stderr, only on large models (or when asked)."""
+    """Progress on stderr for large models (or when asked): a rich status line on a terminal, one plain
+    line per stage with the seconds spent so far elsewhere (a CI log, a file), so long work is never silent."""
 
     def __init__(self, enabled: bool) -> None:
         self.status = None
         self.enabled = enabled
         self.message = ""
+        self.started = time.perf_counter()
+        self.shown = False
 
     def show(self) -> None:
-        if self.status is None:
+        if self.shown:
+            return
+        self.shown = True
+        if sys.stderr.isatty():
             from rich.console import Console
 
-            self.status = Console(stderr=True).status(self.message)
+            self.status = Console(stderr=True).status(f"branchfold: {self.message}...")
             self.status.start()
+        else:
+            self._line()
+
+    def _line(self) -> None:
+        print(f"branchfold: {self.message}... ({time.perf_counter() - self.started:.1f} s)", file=sys.stderr, flush=True)
 
     def __call__(self, message: str) -> None:
         self.message = message
-        if self.enabled:
+        if self.enabled and not self.shown:
             self.show()
-        if self.status is not None:
+        elif self.status is not None:
             self.status.update(f"branchfold: {message}...")
+        elif self.shown:
+            self._line()
 
     def stop(self) -> None:
         if self.status is not None:

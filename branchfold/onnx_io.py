@@ -1,8 +1,11 @@
-"""Reading and writing ONNX files safely: clear errors, external data, atomic writes.
+"""Reading and writing ONNX files safely and at I/O speed: clear errors, external data, atomic writes.
 
-A model file is read whole (external tensors included) before anything is written, so writing the
-result over the input (in-place) cannot read half-written data. Writes go to a temporary folder beside
-the target and are renamed into place, so a failure leaves an existing output file as it was.
+``load`` reads the graph and leaves the weights in the file: inline weights are located by a scan of
+the protobuf (``onnx_wire``) and external data files are mapped by ``onnx_ir``, so a 650 MB model opens
+in a fraction of a second and only the weights a fold reads are ever paged in. ``save_model`` streams
+each weight from where it lies into a temporary folder beside the target and renames the files into
+place, so a failure leaves an existing output as it was. Folding in place is safe: the input's data is
+still mapped (its old inode) while the new file replaces it, and nothing reads the input after that.
 """
 
 from __future__ import annotations
@@ -14,12 +17,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
+import onnx_ir as ir
 from google.protobuf.message import DecodeError
 from onnx.external_data_helper import load_external_data_for_model, uses_external_data
+from onnx_ir import external_data as ir_external_data
 
+from branchfold import onnx_weights
 from branchfold.errors import InputError
+from branchfold.onnx_wire import WireError, load_weightless
 
-PROTOBUF_LIMIT = 2**31 - 1  # a serialized ModelProto must stay under 2 GB
+PROTOBUF_LIMIT = onnx_weights.PROTOBUF_LIMIT  # a serialized ModelProto must stay under 2 GB
 
 
 def _graph_tensors(graph: onnx.GraphProto | onnx.FunctionProto) -> Iterator[onnx.TensorProto]:
@@ -64,20 +71,46 @@ def check_external_locations(model: onnx.ModelProto, folder: Path) -> None:
             raise InputError(f"external data file {location!r} of tensor {t.name!r} is missing in {root}")
 
 
-def load_model(path: str | os.PathLike) -> onnx.ModelProto:
-    """Load an ONNX file with its external data, or raise one readable InputError."""
+def _checked_path(path: str | os.PathLike) -> Path:
     p = Path(path)
     if not p.exists():
         raise InputError(f"no such file: {p}")
     if not p.is_file():
         raise InputError(f"not a file: {p}")
+    return p
+
+
+def _checked_model(model: onnx.ModelProto, p: Path) -> None:
+    if not model.HasField("graph") or model.ir_version <= 0 or not model.opset_import:
+        raise InputError(f"{p} is not an ONNX model (no graph, IR version or opset)")
+    check_external_locations(model, p.parent)
+
+
+def load(path: str | os.PathLike) -> ir.Model:
+    """Load an ONNX file as an ``onnx_ir`` model whose weights stay in their files (memory-mapped when
+    read), or raise one readable InputError."""
+    p = _checked_path(path)
+    try:
+        proto, _ = load_weightless(p)
+    except (DecodeError, WireError, RuntimeError, ValueError, OSError) as e:
+        raise InputError(f"{p} is not a readable ONNX model (truncated or another format): {e}") from None
+    _checked_model(proto, p)
+    if os.stat(p).st_nlink > 1:  # onnx_ir refuses to map a hard-linked file: read the weights now
+        return ir.from_proto(load_model(p))
+    model = ir.serde.deserialize_model(proto)
+    ir_external_data.set_base_dir(model.graph, p.parent)
+    return model
+
+
+def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """Load an ONNX file with its external data into one ``onnx.ModelProto``, or raise one readable
+    InputError (for callers that need a proto; ``load`` is the fast way)."""
+    p = _checked_path(path)
     try:
         model = onnx.load(str(p), load_external_data=False)
     except (DecodeError, RuntimeError, ValueError, OSError) as e:
         raise InputError(f"{p} is not a readable ONNX model (truncated or another format): {e}") from None
-    if not model.HasField("graph") or model.ir_version <= 0 or not model.opset_import:
-        raise InputError(f"{p} is not an ONNX model (no graph, IR version or opset)")
-    check_external_locations(model, p.parent)
+    _checked_model(model, p)
     if external_tensors(model):
         try:
             load_external_data_for_model(model, str(p.parent))
@@ -93,15 +126,18 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     return pa.resolve() == pb.resolve()
 
 
-def needs_external_data(model: onnx.ModelProto, limit: int = PROTOBUF_LIMIT) -> bool:
+def needs_external_data(model: onnx.ModelProto | ir.Model, limit: int = PROTOBUF_LIMIT) -> bool:
+    """Whether ``model`` is too large for one protobuf (``ByteSize`` itself fails past 2 GB)."""
+    if isinstance(model, ir.Model):
+        return onnx_weights.model_bytes(model) >= limit
     try:
         return model.ByteSize() >= limit
-    except (ValueError, OverflowError):
+    except Exception:  # protobuf raises EncodeError (or ValueError) for a message past what it can size
         return True
 
 
 def save_model(
-    model: onnx.ModelProto,
+    model: onnx.ModelProto | ir.Model,
     path: str | os.PathLike,
     *,
     external_data: bool | None = None,
@@ -110,7 +146,8 @@ def save_model(
     """Write ``model`` to ``path`` atomically; returns the files written.
 
     ``external_data``: None decides by size (models over ``limit`` are written with their weights in
-    ``<name>.data`` beside the model). ``model`` itself is not changed.
+    ``<name>.data`` beside the model). ``model`` itself is not changed. Weights are streamed from where
+    they lie (the input file for a model from ``load``), never assembled in memory.
     """
     target = Path(path)
     if target.is_dir():
@@ -118,31 +155,26 @@ def save_model(
     folder = target.parent if str(target.parent) else Path(".")
     if not folder.is_dir():
         raise InputError(f"output folder {folder} does not exist")
+    graph = ir.from_proto(model) if isinstance(model, onnx.ModelProto) else model
     if external_data is None:
-        external_data = needs_external_data(model, limit)
+        external_data = needs_external_data(graph, limit)
     tmp = Path(tempfile.mkdtemp(prefix=".branchfold-", dir=folder))
     try:
-        written = [target]
-        staged = tmp / target.name
-        if external_data:
-            data_name = target.name + ".data"
-            proto = onnx.ModelProto()
-            proto.CopyFrom(model)  # convert_model_to_external_data edits the proto it is given
-            onnx.external_data_helper.convert_model_to_external_data(
-                proto, all_tensors_to_one_file=True, location=data_name, size_threshold=1024
-            )
-            onnx.save_model(proto, str(staged))
-            written.append(target.with_name(data_name))
-            if (tmp / data_name).exists():
-                os.replace(tmp / data_name, written[1])
-            else:
-                written.pop()
-        else:
-            with open(staged, "wb") as f:
-                f.write(model.SerializeToString())
-        os.replace(staged, target)
+        staged = onnx_weights.save(graph, tmp / target.name, external_data=external_data)
+        mode = 0o666 & ~_umask()
+        written = []
+        for f in staged:
+            os.chmod(f, mode)
+            os.replace(f, target.with_name(f.name))
+            written.append(target.with_name(f.name))
         return written
     except OSError as e:
         raise InputError(f"cannot write {target}: {e}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -152,3 +152,23 @@ def test_horizontal_switch_forces_sibling_fusion(tmp_path, make_onnx, capsys):
     with pytest.raises(SystemExit) as bad:  # argparse's own usage error
         run("fold", src, "-o", tmp_path / "x.onnx", "--horizontal", "sideways")
     assert bad.value.code == 2 and not (tmp_path / "x.onnx").exists()
+
+
+def test_progress_names_each_stage_on_a_log_and_nothing_when_off(model_file, tmp_path, capsys):
+    assert run("fold", model_file, "-o", tmp_path / "o.onnx", "--progress", "always") == 0
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("branchfold: ")]
+    stages = [ln.split("...")[0].removeprefix("branchfold: ") for ln in lines]
+    for stage in ("reading the model", "inferring shapes", "running the original with onnxruntime", "folding",
+                  "verifying with onnxruntime", "writing the report", "writing the folded model"):  # fmt: skip
+        assert stage in stages
+    assert stages.index("folding") < stages.index("verifying with onnxruntime") < stages.index("writing the folded model")
+    assert all(ln.rstrip().endswith(" s)") for ln in lines)  # seconds so far: long stages show where time goes
+    for mode in ("never", "auto"):  # auto: a small model folds silently
+        assert run("fold", model_file, "-o", tmp_path / "o.onnx", "--progress", mode) == 0
+        assert not [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("branchfold: ")]
+
+
+def test_progress_auto_shows_for_big_files(model_file, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "LARGE_MODEL_BYTES", model_file.stat().st_size)
+    assert run("fold", model_file, "-o", tmp_path / "o.onnx") == 0
+    assert "branchfold: folding..." in capsys.readouterr().err

@@ -9,6 +9,7 @@ optimizer before or after them).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 
 import onnx_ir as ir
@@ -25,6 +26,10 @@ class FoldBranchesPass(ir.passes.InPlacePass):
     (``infer_shapes=False`` when a pass before this one already did it). Nodes left dead by the fold
     are removed; initializers are never modified. ``select`` can veto single regions (used to undo a
     region that failed its check). The last result is kept on ``self.result``.
+
+    Folded weights that came out equal are stored once (GroupedMLP: the exporter duplicated a module's
+    weights at each call site, and each site folds to the same result). Only the weights this pass wrote
+    are compared: hashing every weight of the model would read all of it from disk.
     """
 
     def __init__(self, select: Callable[[Region], bool] | None = None, infer_shapes: bool = True) -> None:
@@ -36,18 +41,34 @@ class FoldBranchesPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         if self.infer_shapes:
             common.ShapeInferencePass(strict_mode=False)(model)
+        stored = set(model.graph.initializers)
         self.result = fold_graph(model.graph, self.select)
         modified = bool(self.result.regions)
         if modified:
             common.RemoveUnusedNodesPass()(model)
+            store_equal_once(model.graph, [v for name, v in model.graph.initializers.items() if name not in stored])
         return ir.passes.PassResult(model, modified)
 
 
-def fold_passes(select: Callable[[Region], bool] | None = None) -> ir.passes.Sequential:
-    """Fold, then store weights that ended up equal once (GroupedMLP weights the exporter duplicated)
-    and restore a topological order."""
+def store_equal_once(graph: ir.Graph, values: list[ir.Value]) -> None:
+    """Point every reader of an initializer among ``values`` that equals an earlier one (dtype, shape and
+    bytes) at the earlier one, and drop it."""
+    first: dict[tuple, ir.Value] = {}
+    for v in values:
+        t = v.const_value
+        if t is None or v.is_graph_output():
+            continue
+        digest = (t.dtype, tuple(t.shape.numpy()), hashlib.sha256(t.tobytes()).digest())
+        if digest not in first:
+            first[digest] = v
+            continue
+        v.replace_all_uses_with(first[digest])
+        graph.initializers.pop(v.name)
+
+
+def fold_passes(select: Callable[[Region], bool] | None = None, infer_shapes: bool = True) -> ir.passes.Sequential:
+    """Fold (storing equal folded weights once), then restore a topological order. ``infer_shapes=False`` when the model already carries its shapes."""
     return ir.passes.Sequential(
-        FoldBranchesPass(select),
-        common.DeduplicateHashedInitializersPass(),
+        FoldBranchesPass(select, infer_shapes),
         common.TopologicalSortPass(),
     )

@@ -12,8 +12,7 @@ to "this subset of regions verifies", and the same bisection undoes the regions 
 
 from __future__ import annotations
 
-import os
-import tempfile
+import gc
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,6 +23,7 @@ import torch
 
 from branchfold.adapters.onnx import OnnxFoldResult
 from branchfold.errors import BranchfoldError, InputError
+from branchfold.onnx_weights import FLOATS, Snapshot, ort_session, weightless_proto
 from branchfold.passes import verify as checks
 from branchfold.passes.onnx import fold_passes
 from branchfold.passes.onnx_horizontal import HorizontalFusionPass
@@ -50,26 +50,22 @@ class _Attempt:
 
 
 class _Folds:
-    """Folds of fresh copies of the original, keeping only the regions a filter selects (the undo path)."""
+    """Folds of fresh copies of the original, keeping only the regions a filter selects (the undo path).
 
-    def __init__(self, proto: onnx.ModelProto, horizontal: HorizontalMode) -> None:
-        self.proto = proto
-        self.pristine = proto.SerializeToString() if not _large(proto) else None
+    The copies come from one weightless ``Snapshot`` (graph serialized once without its big tensors,
+    shapes inferred once), so a fold costs the graph, never the weights."""
+
+    def __init__(self, snapshot: Snapshot, horizontal: HorizontalMode) -> None:
+        self.snapshot = snapshot
         self.horizontal = horizontal  # set to "off" once horizontal fusion is given up
 
-    def fresh(self) -> ir.Model:
-        if self.pristine is not None:
-            return ir.from_proto(onnx.ModelProto.FromString(self.pristine))
-        copy = onnx.ModelProto()
-        copy.CopyFrom(self.proto)
-        return ir.from_proto(copy)
-
     def __call__(self, select: Callable[[Region], bool] | None) -> _Attempt:
-        candidate = self.fresh()
-        passes = fold_passes(select)
+        candidate = self.snapshot.model()
+        passes = fold_passes(select, infer_shapes=False)
         passes(candidate)
         fuse = HorizontalFusionPass(self.horizontal, infer_shapes=False)
         fuse(candidate)
+        self.snapshot.release()
         return _Attempt(candidate, passes.passes[0].result, fuse.result)
 
 
@@ -97,30 +93,35 @@ def fold_onnx(
         check_transformer_type(transformer_guard)
     say = progress or (lambda _msg: None)
     if isinstance(model, ir.Model):
-        proto = ir.to_proto(model)
-        as_ir = True
+        source, as_ir = model, True
     elif isinstance(model, onnx.ModelProto):
-        proto, as_ir = model, False
+        source, as_ir = ir.from_proto(model), False  # wraps the proto's tensors, copies none
     else:
         raise InputError(f"expected an onnx.ModelProto or onnx_ir.Model, got {type(model).__name__}")
-    check_domains(proto)
-    folds = _Folds(proto, horizontal)
+    check_domains(source)
+    say("inferring shapes")
+    snapshot = Snapshot(source)
+    folds = _Folds(snapshot, horizontal)
+    original = snapshot.model()
+    totals_before = totals(original)
+    checker = None
+    if verify:
+        say("running the original with onnxruntime")
+        checker = _Checker(original, seed, random_checks, tolerance)
 
     say("folding")
     current = folds(None)
     undone: list[Skipped] = []
     notes: list[str] = []
     outcome = None
-    checker = None
-    if verify:
+    if checker is not None:
         say("verifying with onnxruntime")
-        checker = _Checker(proto, seed, random_checks, tolerance)
         current, outcome, failed = _verified(folds, current, checker, say)
         undone += failed
     guarded = (verify and runtime_guard) or transformer_guard is not None
     if guarded and (outcome is None or outcome.ok) and (current.result.regions or current.fused.fused):
         say("comparing onnxruntime's fusions with the original's")
-        guard = FusionGuard(proto, runtime=verify and runtime_guard, transformer=transformer_guard)
+        guard = FusionGuard(original, runtime=verify and runtime_guard, transformer=transformer_guard)
         notes += guard.notes
         before = current
         current, lost, note = _keep_fusions(folds, current, guard, say) if guard else (current, [], None)
@@ -132,20 +133,19 @@ def fold_onnx(
                 current, outcome, failed = _unfolded(folds, current, checker, say)
                 undone += failed
     say("writing the report")
-    folded_proto = ir.to_proto(current.model)
     result = current.result
     report = FoldReport(
         folded=[region_report(r, n) for r, n in zip(result.regions, result.names)],
         not_folded=[skipped_report(n, _where(n.where)) for n in result.not_folded],
-        before=totals(proto),
-        after=totals(folded_proto),
+        before=totals_before,
+        after=totals(current.model),
         notes=notes,
     )
     report.not_folded[:0] = undone  # rewrites undone come first: the rendered table shows the first few
     add_horizontal(report, current.fused)
     if outcome is not None:
         report.max_error, report.tolerance, report.verified = outcome.error, outcome.tolerance, outcome.ok
-    return FoldResult(current.model if as_ir else folded_proto, report)
+    return FoldResult(current.model if as_ir else ir.to_proto(current.model), report)
 
 
 def _failed(region: Region, name: str) -> Skipped:
@@ -188,14 +188,14 @@ def _keep_fusions(folds: _Folds, current: _Attempt, guard: FusionGuard, say: Pro
     """The fold with every rewrite that costs a runtime fusion undone, found as failed checks are: horizontal
     fusion first, then the regions by bisection (each region's detail names what it cost on its own), then
     everything if the rest still loses a fusion together. One optimization per candidate, memoized."""
-    harm = guard.losses(ir.to_proto(current.model))
+    harm = guard.losses(current.model)
     note = None
     if harm and current.fused.fused:
         say("undoing horizontal fusion (it cost an onnxruntime fusion)")
         note = f"horizontal fusion undone: {_describe(harm)}"
         folds.horizontal = "off"
         current = folds(only(current.result.names))
-        harm = guard.losses(ir.to_proto(current.model))
+        harm = guard.losses(current.model)
     if not harm:
         return current, [], note
     say("undoing regions that cost an onnxruntime fusion")
@@ -204,7 +204,7 @@ def _keep_fusions(folds: _Folds, current: _Attempt, guard: FusionGuard, say: Pro
 
     def keeps(keep: list[str]) -> bool:
         if tuple(keep) not in seen:
-            seen[tuple(keep)] = guard.losses(ir.to_proto(folds(only(keep)).model))
+            seen[tuple(keep)] = guard.losses(folds(only(keep)).model)
         return not seen[tuple(keep)]
 
     good = bisect_passing(names, keeps)
@@ -228,16 +228,10 @@ def _where(key) -> str:
     return getattr(key, "name", None) or str(key)
 
 
-def _large(proto: onnx.ModelProto) -> bool:
-    from branchfold.onnx_io import needs_external_data
-
-    return needs_external_data(proto)
-
-
-def check_domains(proto: onnx.ModelProto) -> None:
+def check_domains(model: ir.Model) -> None:
     """Refuse ops of domains nothing here can run or check (custom ops without their library)."""
-    local = {f.domain for f in proto.functions}
-    for node in proto.graph.node:
+    local = {f.domain for f in model.functions.values()}
+    for node in model.graph:
         if node.domain not in KNOWN_DOMAINS and node.domain not in local:
             raise InputError(
                 f"node {node.name or node.op_type!r} uses op {node.op_type!r} of unknown domain {node.domain!r}; "
@@ -249,21 +243,19 @@ def check_domains(proto: onnx.ModelProto) -> None:
 # verification
 
 
-def _session(proto: onnx.ModelProto, what: str):
+def _session(model: ir.Model, what: str):
+    """A session at ``ORT_DISABLE_ALL`` (the reference hides no fusion), weights read where they lie and
+    not prepacked (a few small runs do not pay for a second copy of every weight)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
+    options.add_session_config_entry("session.disable_prepacking", "1")
+    options.enable_cpu_mem_arena = False  # an arena keeps what a run allocated (GPT-2's transposed weights)
+    options.enable_mem_pattern = False
     try:
-        if not _large(proto):
-            return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        from branchfold.onnx_io import save_model
-
-        with tempfile.TemporaryDirectory() as d:
-            path = os.path.join(d, "model.onnx")
-            save_model(proto, path, external_data=True)
-            return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        return ort_session(model, options, weights_as_inputs=True)
     except Exception as e:  # onnxruntime raises its own exception types
         line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise BranchfoldError(
@@ -298,18 +290,27 @@ def _torch(outputs: list) -> list:
 
 
 class _Checker:
-    def __init__(self, proto: onnx.ModelProto, seed: int, count: int, tolerance: float | None) -> None:
-        self.reference = _session(proto, "original")
-        self.feeds = random_feeds(self.reference, seed, max(1, count + 1))
-        self.expected = [_torch(self.reference.run(None, f)) for f in self.feeds]
-        elem = proto.graph.output[0].type.tensor_type.elem_type if proto.graph.output else 0
-        self.tolerance = tolerance if tolerance is not None else checks.tolerance_for(_LOW.get(elem))
+    """The original's outputs on random inputs, computed once; its session is closed right after, so that
+    the original and a candidate never hold their weights at the same time."""
+
+    def __init__(self, original: ir.Model, seed: int, count: int, tolerance: float | None) -> None:
+        reference = _session(original, "original")
+        self.feeds = random_feeds(reference, seed, max(1, count + 1))
+        self.expected = [_torch(reference.run(None, f)) for f in self.feeds]
+        del reference
+        gc.collect()
+        outputs = original.graph.outputs
+        elem = outputs[0].dtype if outputs and outputs[0].dtype is not None else None
+        low = {ir.DataType.FLOAT16: torch.float16, ir.DataType.BFLOAT16: torch.bfloat16}.get(elem)
+        self.tolerance = tolerance if tolerance is not None else checks.tolerance_for(low)
 
     def check(self, candidate: ir.Model) -> checks.Check:
-        session = _session(ir.to_proto(candidate), "folded")
+        session = _session(candidate, "folded")
         worst = 0.0
         for feed, ref in zip(self.feeds, self.expected):
             worst = max(worst, checks.relative_error(ref, _torch(session.run(None, feed))))
+        del session
+        gc.collect()
         return checks.Check(worst, self.tolerance, worst <= self.tolerance)
 
 
@@ -317,65 +318,60 @@ class _Checker:
 # totals
 
 
-def totals(proto: onnx.ModelProto) -> Totals:
-    """Nodes (without Constant), floating-point parameters, and multiply-adds of Conv/MatMul/Gemm."""
-    graph = proto.graph
-    ops = sum(1 for n in graph.node if n.op_type != "Constant")
-    params = sum(int(np.prod(t.dims)) for t in graph.initializer if t.data_type in _FLOATS)
-    for n in graph.node:
-        if n.op_type == "Constant":
-            for a in n.attribute:
-                if a.name == "value" and a.t.data_type in _FLOATS:
-                    params += int(np.prod(a.t.dims))
-    return Totals(ops, params, count_macs(proto))
+def totals(model: ir.Model) -> Totals:
+    """Nodes (without Constant), floating-point parameters, and multiply-adds of Conv/MatMul/Gemm, read
+    from the shapes already on the graph (inferred once, on the weightless snapshot)."""
+    graph = model.graph
+    ops = sum(1 for n in graph if n.op_type != "Constant")
+    params = sum(_size(v.const_value) for v in graph.initializers.values() if v.const_value is not None and v.const_value.dtype in FLOATS)
+    for n in graph:
+        if n.op_type == "Constant" and "value" in n.attributes:
+            t = n.attributes["value"].value
+            if isinstance(t, ir.TensorProtocol) and t.dtype in FLOATS:
+                params += _size(t)
+    return Totals(ops, params, count_macs(model))
 
 
-_FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+def _size(t: ir.TensorProtocol) -> int:
+    return int(np.prod(t.shape.numpy())) if t.shape is not None else 0
 
 
-def count_macs(proto: onnx.ModelProto) -> int:
-    """Multiply-adds of Conv, MatMul and Gemm from ONNX shape inference, with dynamic dims set to
-    the same small size the random inputs use (0 where shapes cannot be inferred)."""
-    m = onnx.ModelProto()
-    m.CopyFrom(proto) if not _large(proto) else m.CopyFrom(_without_weights(proto))
-    del m.graph.value_info[:]
-    for v in m.graph.input:
+def count_macs(model: ir.Model) -> int:
+    """Multiply-adds of Conv, MatMul and Gemm, from ONNX shape inference on the weightless graph with the
+    dynamic input dims set to the size the random inputs use (0 for an op whose shapes stay unknown).
+    Rows come from the data operand and sizes from the weight, so a wider fused op is counted right."""
+    proto, _ = weightless_proto(model)
+    del proto.graph.value_info[:]
+    for v in proto.graph.input:
         for d in v.type.tensor_type.shape.dim:
             if not d.HasField("dim_value"):
                 d.Clear()
                 d.dim_value = DYNAMIC_DIM
     try:
-        m = onnx.shape_inference.infer_shapes(m, data_prop=True)
+        proto = onnx.shape_inference.infer_shapes(proto, data_prop=True)
     except Exception:  # shape inference is best effort here: the totals are for the report only
         return 0
-    shapes = {}
-    for v in list(m.graph.value_info) + list(m.graph.input) + list(m.graph.output):
+    shapes: dict[str, list[int | None]] = {}
+    for v in list(proto.graph.value_info) + list(proto.graph.input) + list(proto.graph.output):
         dims = v.type.tensor_type.shape.dim
         shapes[v.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
-    for t in m.graph.initializer:
+    for t in proto.graph.initializer:
         shapes[t.name] = list(t.dims)
+    stored = {t.name for t in proto.graph.initializer}
     total = 0
-    for n in m.graph.node:
-        out = shapes.get(n.output[0]) if n.output else None
-        if not out or None in out:
+    for n in proto.graph.node:
+        if n.op_type not in ("MatMul", "Gemm", "Conv") or n.domain not in ("", "ai.onnx") or len(n.input) < 2:
             continue
-        if n.op_type in ("MatMul", "Gemm"):
-            w = shapes.get(n.input[1])
-            if w and None not in w:
-                trans_b = any(a.name == "transB" and a.i for a in n.attribute)
-                k = w[-1] if (n.op_type == "Gemm" and trans_b) else w[-2] if len(w) > 1 else w[0]
-                total += int(np.prod(out)) * k
-        elif n.op_type == "Conv":
-            w = shapes.get(n.input[1])
-            if w and None not in w:
-                total += int(np.prod(out)) * int(np.prod(w[1:]))
+        a, w, out = shapes.get(n.input[0]), shapes.get(n.input[1]), shapes.get(n.output[0])
+        if not a or not w or None in a or None in w:
+            continue
+        if n.op_type == "Conv":
+            if out and None not in out and len(out) == len(w):
+                total += out[0] * int(np.prod(out[2:])) * int(np.prod(w))
+        elif n.op_type == "Gemm" or (len(w) == 2 and n.input[1] in stored):
+            trans_a = n.op_type == "Gemm" and any(x.name == "transA" and x.i for x in n.attribute)
+            rows = a[-1] if trans_a else int(np.prod(a[:-1]))
+            total += rows * int(np.prod(w))
+        elif out and None not in out:
+            total += int(np.prod(out)) * a[-1]
     return total
-
-
-def _without_weights(proto: onnx.ModelProto) -> onnx.ModelProto:
-    m = onnx.ModelProto()
-    m.CopyFrom(proto)
-    for t in m.graph.initializer:
-        t.ClearField("raw_data")
-        t.ClearField("float_data")
-    return m

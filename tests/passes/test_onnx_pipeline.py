@@ -18,6 +18,7 @@ import branchfold
 from branchfold.adapters import onnx as onnx_adapter
 from branchfold.errors import InputError
 from branchfold.passes.onnx_pipeline import fold_onnx
+from branchfold.rewriter.affine import value
 from branchfold.zoo import ZOO
 
 R = np.random.default_rng(0)
@@ -89,7 +90,7 @@ def test_failing_region_is_undone_and_reported(make_onnx, monkeypatch):
         walk = real(ops, outputs)
         for r in walk.regions:
             if r.value.name == "y1":
-                r.map = type(r.map)(r.map.weight * 1.5, r.map.bias)
+                r.map = type(r.map)(value(r.map.weight) * 1.5, r.map.bias)
         return walk
 
     monkeypatch.setattr(onnx_adapter, "find_regions", corrupt)
@@ -109,7 +110,7 @@ def test_rewrites_that_fail_together_leave_the_model_unfolded(branches, monkeypa
     def corrupt(ops, outputs):
         walk = real(ops, outputs)
         for r in walk.regions:
-            r.map = type(r.map)(r.map.weight * 1.5, r.map.bias)
+            r.map = type(r.map)(value(r.map.weight) * 1.5, r.map.bias)
         return walk
 
     monkeypatch.setattr(onnx_adapter, "find_regions", corrupt)

@@ -1,0 +1,254 @@
+"""An ONNX model's big tensors kept where they are: in the file they came from, or in memory, never copied
+to serialize the model around them.
+
+Everything the ONNX fold does with a model besides reading a few region weights — snapshotting it for the
+undo path, shape inference, onnxruntime sessions for the checks, writing the result — needs the graph,
+not the weights. ``weightless_proto`` serializes a model with each big float initializer replaced by a
+placeholder reference (dims and type, no data), and hands back the tensors apart:
+
+- ``Snapshot``: the weightless model (with shapes inferred once) plus the tensors; each ``model()`` is a
+  fresh ``ir.Model`` sharing the same (immutable) tensor objects.
+- ``ort_session``: onnxruntime reads file-backed tensors from their files itself (memory-mapped by the
+  runtime, no copy in this process) and takes in-memory ones as ``OrtValue``s.
+- ``save``: the file is written in one pass, each tensor streamed from where it lies (``copy_file_range``
+  for a file-backed one), inline in the ``.onnx`` when the model fits one protobuf, else to ``.onnx.data``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from branchfold.onnx_wire import LENGTH_DELIMITED, MIN_EXTERNAL_BYTES, TENSOR_RAW_DATA, key, varint
+
+PLACEHOLDER = "<branchfold-weight>"
+PROTOBUF_LIMIT = 2**31 - 1  # a serialized ModelProto must stay under 2 GB
+DATA_ALIGNMENT = 4096  # external data offsets on page boundaries: onnxruntime can map them
+FLOATS = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16}
+_ORT_VALUE_TYPES = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE}
+
+
+def big_initializers(model: ir.Model) -> list[ir.Value]:
+    """The main graph's float initializers of at least ``MIN_EXTERNAL_BYTES``, in graph order."""
+    return [
+        v
+        for v in model.graph.initializers.values()
+        if v.const_value is not None and v.const_value.dtype in FLOATS and v.const_value.nbytes >= MIN_EXTERNAL_BYTES
+    ]
+
+
+@contextlib.contextmanager
+def _placeholders(model: ir.Model) -> Iterator[dict[str, ir.TensorProtocol]]:
+    """The big initializers' tensors, their values replaced meanwhile by placeholders that serialize to
+    dims and type only (restored on exit, so the model is as it was)."""
+    swapped: dict[str, tuple[ir.Value, ir.TensorProtocol]] = {}
+    try:
+        for v in big_initializers(model):
+            t = v.const_value
+            assert t is not None and v.name is not None
+            swapped[v.name] = (v, t)
+            v.const_value = ir.ExternalTensor(PLACEHOLDER, 0, t.nbytes, t.dtype, shape=ir.Shape(t.shape), name=v.name)
+        yield {name: t for name, (_, t) in swapped.items()}
+    finally:
+        for v, t in swapped.values():
+            v.const_value = t
+
+
+def weightless_proto(model: ir.Model) -> tuple[onnx.ModelProto, dict[str, ir.TensorProtocol]]:
+    """``model`` serialized without its big tensors (placeholder references), and those tensors by name."""
+    with _placeholders(model) as tensors:
+        proto = ir.to_proto(model)
+    return proto, tensors
+
+
+def _clear_reference(t: onnx.TensorProto) -> None:
+    del t.external_data[:]
+    t.ClearField("data_location")
+
+
+def _refer(t: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    del t.external_data[:]
+    for k, v in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = t.external_data.add()
+        entry.key, entry.value = k, v
+    t.data_location = onnx.TensorProto.EXTERNAL
+
+
+# ----------------------------------------------------------------------------------------------
+# snapshots
+
+
+class Snapshot:
+    """A model to fold again and again: its graph serialized once without the big tensors, with shapes
+    inferred once (ONNX shape inference on the weightless graph costs a fraction of a second on GPT-2)."""
+
+    def __init__(self, model: ir.Model, infer_shapes: bool = True) -> None:
+        proto, self.tensors = weightless_proto(model)
+        if infer_shapes:  # best effort, as onnx_ir's ShapeInferencePass: the fold refuses what it cannot see
+            with contextlib.suppress(Exception):
+                proto = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=False, data_prop=True)
+        self.data = proto.SerializeToString()
+
+    def release(self) -> None:
+        """Drop the pages of the file-backed weights a fold read from this process (they stay mapped, and
+        are read again from the page cache if a later fold needs them), so region weights are resident
+        one fold at a time."""
+        for t in self.tensors.values():
+            mapped = getattr(t, "raw", None) if isinstance(t, ir.ExternalTensor) else None
+            if isinstance(mapped, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
+                mapped.madvise(mmap.MADV_DONTNEED)  # clean file pages: dropped now, read again if needed
+
+    def model(self) -> ir.Model:
+        """A fresh model: its own graph, the snapshot's tensors (never written to)."""
+        fresh = ir.serde.deserialize_model(onnx.ModelProto.FromString(self.data))
+        for name, tensor in self.tensors.items():
+            fresh.graph.initializers[name].const_value = tensor
+        return fresh
+
+
+# ----------------------------------------------------------------------------------------------
+# onnxruntime
+
+
+class Session:
+    """An onnxruntime session whose in-memory weights are fed as inputs on every run (``run``,
+    ``get_inputs`` as ``onnxruntime.InferenceSession``'s, without those weights)."""
+
+    def __init__(self, session, weights: dict[str, np.ndarray]) -> None:
+        self.session, self.weights = session, weights
+
+    def get_inputs(self) -> list:
+        return [i for i in self.session.get_inputs() if i.name not in self.weights]
+
+    def run(self, outputs, feed: dict[str, np.ndarray]) -> list:
+        return self.session.run(outputs, {**feed, **self.weights})
+
+
+def ort_session(model: ir.Model, options, weights_as_inputs: bool = False):
+    """An onnxruntime CPU session for ``model`` without serializing its big tensors: file-backed ones are
+    read by the runtime from their file (one folder, memory-mapped, no copy here).
+
+    In-memory ones (the weights a fold wrote) are, with ``weights_as_inputs``, declared graph inputs
+    and fed on every run, which costs no copy (for a session that optimizes nothing, an input and an
+    initializer run the same kernels); otherwise they are passed as initializers (``OrtValue``s, which
+    onnxruntime copies), as an optimizing session needs them to be constants."""
+    import onnxruntime as ort
+
+    proto, tensors = weightless_proto(model)
+    folders = [os.path.abspath(t.base_dir) for t in tensors.values() if isinstance(t, ir.ExternalTensor)]
+    folder = max(set(folders), key=folders.count) if folders else None
+    names, values, fed = [], [], {}
+    kept = []
+    for t_proto in proto.graph.initializer:
+        t = tensors.get(t_proto.name)
+        if t is None:
+            kept.append(t_proto)
+        elif isinstance(t, ir.ExternalTensor) and os.path.abspath(t.base_dir) == folder:
+            _refer(t_proto, str(t.location), t.offset or 0, t.length or t.nbytes)
+            kept.append(t_proto)
+        elif t.dtype in _ORT_VALUE_TYPES and weights_as_inputs:
+            fed[t_proto.name] = np.ascontiguousarray(t.numpy())
+            proto.graph.input.append(onnx.helper.make_tensor_value_info(t_proto.name, t_proto.data_type, list(t_proto.dims)))
+        elif t.dtype in _ORT_VALUE_TYPES:
+            names.append(t_proto.name)
+            values.append(ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(t.numpy())))
+            kept.append(t_proto)
+        else:  # bfloat16 has no numpy type onnxruntime takes: inline
+            _clear_reference(t_proto)
+            t_proto.raw_data = t.tobytes()
+            kept.append(t_proto)
+    if fed:
+        del proto.graph.initializer[:]
+        proto.graph.initializer.extend(kept)
+    if folder is not None:
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
+    if names:
+        options.add_external_initializers(names, values)
+    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session._branchfold_values = values  # the runtime may read them until the session is gone
+    return Session(session, fed)
+
+
+# ----------------------------------------------------------------------------------------------
+# writing
+
+
+def model_bytes(model: ir.Model) -> int:
+    """The size of ``model`` serialized as one protobuf (weightless graph plus the big tensors' bytes)."""
+    proto, tensors = weightless_proto(model)
+    return proto.ByteSize() + sum(t.nbytes + 32 for t in tensors.values())
+
+
+def save(model: ir.Model, path: str | os.PathLike, external_data: bool | None = None) -> list[Path]:
+    """Write ``model`` to ``path`` (not atomically: ``onnx_io.save_model`` stages it); returns the files.
+
+    ``external_data``: None puts the big tensors in ``<name>.data`` only when the model does not fit one
+    protobuf. ``model`` is not changed (placeholders are swapped in and out while it is serialized)."""
+    target = Path(path)
+    proto, tensors = weightless_proto(model)
+    if external_data is None:
+        external_data = proto.ByteSize() + sum(t.nbytes + 32 for t in tensors.values()) >= PROTOBUF_LIMIT
+    if external_data:
+        data = target.with_name(target.name + ".data")
+        _write_external(proto, tensors, target, data)
+        return [target, data] if tensors else [target]
+    _write_inline(proto, tensors, target)
+    return [target]
+
+
+def _write_external(proto: onnx.ModelProto, tensors: dict[str, ir.TensorProtocol], target: Path, data: Path) -> None:
+    if not tensors:
+        target.write_bytes(proto.SerializeToString())
+        return
+    with open(data, "wb") as f:
+        for t_proto in proto.graph.initializer:
+            t = tensors.get(t_proto.name)
+            if t is None:
+                continue
+            offset = -(-f.tell() // DATA_ALIGNMENT) * DATA_ALIGNMENT
+            f.write(b"\0" * (offset - f.tell()))
+            f.flush()
+            t.tofile(f)
+            f.seek(0, os.SEEK_END)
+            _refer(t_proto, data.name, offset, t.nbytes)
+            if f.tell() != offset + t.nbytes:
+                raise OSError(f"wrote {f.tell() - offset} bytes of tensor {t_proto.name!r}, expected {t.nbytes}")
+    target.write_bytes(proto.SerializeToString())
+
+
+def _write_inline(proto: onnx.ModelProto, tensors: dict[str, ir.TensorProtocol], target: Path) -> None:
+    """One protobuf, written in one pass: the graph's fields, then each big initializer's header and its
+    bytes streamed in as ``raw_data`` (lengths are known up front, so nothing is assembled in memory)."""
+    kept, moved = [], []
+    for t_proto in proto.graph.initializer:
+        (moved if t_proto.name in tensors else kept).append(t_proto)
+    entries = []
+    for t_proto in moved:
+        _clear_reference(t_proto)
+        header = t_proto.SerializeToString() + key(TENSOR_RAW_DATA, LENGTH_DELIMITED)
+        n = tensors[t_proto.name].nbytes
+        inner = len(header) + len(varint(n)) + n
+        entries.append((key(5, LENGTH_DELIMITED) + varint(inner) + header + varint(n), tensors[t_proto.name], n))
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(kept)
+    graph = proto.graph.SerializeToString()
+    proto.ClearField("graph")
+    head = proto.SerializeToString()
+    graph_length = len(graph) + sum(len(prefix) + n for prefix, _, n in entries)
+    with open(target, "wb") as f:
+        f.write(head + key(7, LENGTH_DELIMITED) + varint(graph_length) + graph)
+        for prefix, tensor, n in entries:
+            f.write(prefix)
+            start = f.tell()
+            f.flush()
+            tensor.tofile(f)
+            f.seek(0, os.SEEK_END)
+            if f.tell() != start + n:
+                raise OSError(f"wrote {f.tell() - start} bytes of a tensor, expected {n}")
