@@ -77,7 +77,7 @@ def fold_graph(graph: ir.Graph, select: Callable[[Region], bool] | None = None) 
         walk.regions = [r for r in walk.regions if select(r)]
     names = [r.value.name for r in walk.regions]
     if walk.regions:
-        Emitter(graph, walk).emit()
+        Emitter(graph, walk, after_region=ctx.release_pages).emit()
     return OnnxFoldResult(walk.regions, walk.not_folded, walk, names)
 
 
@@ -96,9 +96,13 @@ def existing_names(graph: ir.Graph) -> set[str]:
     return names
 
 
+_TORCH_FLOATS = {ir.DataType.FLOAT: torch.float32, ir.DataType.FLOAT16: torch.float16, ir.DataType.DOUBLE: torch.float64}
+
+
 class Emitter:
-    def __init__(self, graph: ir.Graph, walk: WalkResult) -> None:
+    def __init__(self, graph: ir.Graph, walk: WalkResult, after_region: Callable[[], None] = lambda: None) -> None:
         self.graph, self.walk = graph, walk
+        self.after_region = after_region  # called once a region is written (drop the weight pages it read)
         self.names = existing_names(graph)
         self.counter = 0
         self.replaced: dict[ir.Value, ir.Value] = {}
@@ -127,6 +131,7 @@ class Emitter:
             if self.nodes:
                 self.graph.insert_before(value.producer(), self.nodes)
             self._replace(value, new)
+            self.after_region()
 
     def _replace(self, value: ir.Value, new: ir.Value) -> None:
         if value.is_graph_output():
@@ -170,9 +175,13 @@ class Emitter:
 
     def _initializer(self, t: Tensorish, dtype: ir.DataType | None, hint: str) -> ir.Value:
         dtype = dtype or ir.DataType.FLOAT
-        t = value(t) if dtype.is_floating_point() else t
-        arr = t.detach().cpu().numpy().astype(dtype.numpy()) if dtype.is_floating_point() else t.numpy()
-        tensor = ir.tensor(np.ascontiguousarray(arr), dtype=dtype if dtype.is_floating_point() else None)
+        if dtype.is_floating_point():
+            t = value(t).detach().cpu()
+            torch_dtype = _TORCH_FLOATS.get(dtype)  # one strided pass casts and lays out (a transposed weight)
+            arr = t.to(torch_dtype).contiguous().numpy() if torch_dtype else np.ascontiguousarray(t.numpy().astype(dtype.numpy()))
+        else:
+            arr = np.ascontiguousarray(t.numpy())
+        tensor = ir.tensor(arr, dtype=dtype if dtype.is_floating_point() else None)
         name = self.fresh(hint)
         v = ir.Value(name=name, shape=ir.Shape(arr.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
         self.graph.register_initializer(v)

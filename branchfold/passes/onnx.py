@@ -1,7 +1,9 @@
 """The ONNX passes, as ``onnx_ir.passes`` classes so they compose in a PassManager (e.g. with onnxscript's
 optimizer before or after them).
 
-    import onnx_ir as ir
+    import numpy as np
+import numpy as np
+import onnx_ir as ir
     from branchfold.passes.onnx import fold_passes
     model = ir.load("model.onnx")
     fold_passes()(model)
@@ -12,6 +14,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 
+import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
@@ -52,22 +55,27 @@ class FoldBranchesPass(ir.passes.InPlacePass):
 
 def store_equal_once(graph: ir.Graph, values: list[ir.Value]) -> None:
     """Point every reader of an initializer among ``values`` that equals an earlier one (dtype, shape and
-    bytes) at the earlier one, and drop it."""
-    first: dict[tuple, ir.Value] = {}
+    every byte) at the earlier one, and drop it. Candidates are matched on a sample of their bytes first,
+    so distinct weights are never read whole."""
+    seen: dict[tuple, list[ir.Value]] = {}
     for v in values:
         t = v.const_value
         if t is None or v.is_graph_output():
             continue
-        digest = (t.dtype, tuple(t.shape.numpy()), hashlib.sha256(t.tobytes()).digest())
-        if digest not in first:
-            first[digest] = v
+        data = np.asarray(t.numpy()).reshape(-1).view(np.uint8)
+        step = max(1, data.size // 4096)
+        key = (t.dtype, tuple(t.shape.numpy()), hashlib.sha256(data[::step].tobytes()).digest())
+        same = next((u for u in seen.get(key, ()) if np.array_equal(np.asarray(u.const_value.numpy()).reshape(-1).view(np.uint8), data)), None)
+        if same is None:
+            seen.setdefault(key, []).append(v)
             continue
-        v.replace_all_uses_with(first[digest])
+        v.replace_all_uses_with(same)
         graph.initializers.pop(v.name)
 
 
 def fold_passes(select: Callable[[Region], bool] | None = None, infer_shapes: bool = True) -> ir.passes.Sequential:
-    """Fold (storing equal folded weights once), then restore a topological order. ``infer_shapes=False`` when the model already carries its shapes."""
+    """Fold (storing equal folded weights once), then restore a topological order.
+    ``infer_shapes=False`` when the model already carries its shapes."""
     return ir.passes.Sequential(
         FoldBranchesPass(select, infer_shapes),
         common.TopologicalSortPass(),

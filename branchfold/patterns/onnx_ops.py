@@ -15,6 +15,7 @@ value a constant, and which stored tensors does it come from" and "what is this 
 
 from __future__ import annotations
 
+import mmap
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -120,6 +121,15 @@ class OnnxContext:
     _cache: dict[ir.Value, tuple[np.ndarray | None, frozenset[str]]] = field(default_factory=dict)
     _protected: dict[ir.Node, Nonlinearity] | None = field(default=None, repr=False)
     _reported: set[Nonlinearity] = field(default_factory=set, repr=False)
+    _mapped: list[ir.ExternalTensor] = field(default_factory=list, repr=False)
+
+    def release_pages(self) -> None:
+        """Drop from this process the file pages of the memory-mapped weights read so far (clean pages:
+        read again from the page cache if needed), so that a fold holds one region's weights at a time."""
+        for t in self._mapped:
+            raw = getattr(t, "raw", None)
+            if isinstance(raw, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
+                raw.madvise(mmap.MADV_DONTNEED)
 
     def nonlinearity(self, node: ir.Node) -> Nonlinearity | None:
         """The decomposed nonlinearity (GELU, LayerNorm, ...) ``node`` belongs to, found once per graph."""
@@ -161,6 +171,8 @@ class OnnxContext:
         if v.is_initializer() or (v.producer() is None and v.const_value is not None):
             if v.const_value is None:
                 return None, frozenset()
+            if isinstance(v.const_value, ir.ExternalTensor):
+                self._mapped.append(v.const_value)
             return _to_numpy(v.const_value), frozenset({f"init:{v.name}"})
         node = v.producer()
         if node is None or node.domain not in ONNX_DOMAINS or len(node.outputs) != 1:

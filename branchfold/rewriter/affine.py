@@ -34,11 +34,12 @@ class Lazy:
     written tensor (in the model's dtype) stays alive. Caching would keep every folded region's float64
     weights for as long as the report holds the region (1.2 GB for GPT-2's 24 LayerNorm folds)."""
 
-    __slots__ = ("shape", "_compute")
+    __slots__ = ("shape", "_compute", "source")
 
-    def __init__(self, shape: Sequence[int], compute: Callable[[], torch.Tensor]) -> None:
+    def __init__(self, shape: Sequence[int], compute: Callable[[], torch.Tensor], source: torch.Tensor | None = None) -> None:
         self.shape = torch.Size(shape)
         self._compute = compute
+        self.source = source  # the stored tensor itself, for a weight that is its own value (``stored``)
 
     def dim(self) -> int:
         return len(self.shape)
@@ -67,7 +68,24 @@ def stored(t: torch.Tensor) -> Lazy:
     """A stored weight (a parameter, an initializer, a memory-mapped tensor) as a lazy float64 tensor:
     nothing is copied until a fold reads it, and then into a fresh float64 tensor (never an alias)."""
     source = t.detach()
-    return Lazy(source.shape, lambda: source.to(device="cpu", dtype=F64, copy=True))
+
+    def copy() -> torch.Tensor:
+        # in the stored memory order (a MatMul weight is a transposed view): one sequential pass, and the
+        # sums with other weights of the same layout stay sequential too
+        return torch.empty_like(source, dtype=F64, device="cpu").copy_(source)
+
+    return Lazy(source.shape, copy, source)
+
+
+def _operand(t: Tensorish) -> torch.Tensor:
+    """``t`` to add into a float64 tensor: a stored weight as it is (torch converts each element exactly
+    on the way, in one pass and without a float64 copy of it), anything else as its float64 value."""
+    return t.source if isinstance(t, Lazy) and t.source is not None else value(t)
+
+
+def _fresh(t: Tensorish) -> torch.Tensor:
+    """A float64 tensor of ``t``'s value that the caller may write to (a lazy one is computed anew)."""
+    return t.get() if isinstance(t, Lazy) else value(t).clone()
 
 
 def lazy(shape: Sequence[int], compute: Callable[[], torch.Tensor]) -> Lazy:
@@ -327,7 +345,7 @@ def _add_convs(a: Conv, b: Conv) -> Conv:
 def _sum(a: Tensorish, b: Tensorish) -> Tensorish:
     """``a + b`` of two tensors of one shape; lazy when either side is."""
     if isinstance(a, Lazy) or isinstance(b, Lazy):
-        return lazy(a.shape, lambda: value(a) + value(b))
+        return lazy(a.shape, lambda: _fresh(a).add_(_operand(b)))
     return value(a) + value(b)
 
 
@@ -349,7 +367,14 @@ def add_maps(a: AffineMap, b: AffineMap) -> AffineMap:
             if b.in_features != b.out_features:
                 raise Refusal("shape", "identity branch beside a non-square linear")
             scale, shift = _diag_vectors(a, b.out_features)
-            return Dense(_sum(b.weight, torch.diag(scale)), _sum(b.bias, shift))
+            weight = b.weight  # the identity is added when the region is written, on the diagonal only
+
+            def plus_identity() -> torch.Tensor:
+                w = _fresh(weight)
+                w.diagonal().add_(scale)
+                return w
+
+            return Dense(lazy(weight.shape, plus_identity), _sum(b.bias, shift))
         _, shift = _diag_vectors(a, b.out_channels)
         conv = _add_convs(_diag_as_conv(a, b), b)
         return replace(conv, bias=_sum(conv.bias, shift))
