@@ -22,13 +22,14 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run
+	$(PY) -m pytest -q -p no:xdist -m slow tests/benchmarks
 
 # FUZZ_N random models (default 10,000), FUZZ_SEED to reproduce a campaign, FUZZ_SECONDS to cap its time.
 fuzz: $(STAMP)

@@ -27,6 +27,7 @@ OTHERS = {
     "Inductor compile with the branchfold backend": "bench_compile",
     "Horizontal fusion": "bench_horizontal",
     "onnxruntime: do no harm": "bench_ort_harm",
+    "Big ONNX models at I/O speed": "bench_big",
 }
 
 
