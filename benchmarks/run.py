@@ -52,12 +52,17 @@ def main(argv: Sequence[str] | None = None, log: Callable[[str], None] | None = 
                         help="run only these parts (repeatable); default: all")
     parser.add_argument("--rerender", action="store_true",
                         help="measure nothing: rewrite the markdown and chart from the results.json next to --out")
+    parser.add_argument("--section", choices=sorted(OTHERS.values()), action="append",
+                        help="re-measure only this section (repeatable) and keep every other figure from the "
+                             "results.json next to --out; the header says which sections were measured when")
     args = parser.parse_args(argv)
     say = log or (lambda s: print(s, file=sys.stderr, flush=True))
     if args.threads < 1:
         parser.error("--threads must be >= 1")
     if args.rerender:
         return rerender(args.out, say)
+    if args.section:
+        return remeasure(args.out, args.section, args.quick, args.threads, say)
     torch.set_num_threads(args.threads)
     parts = set(args.only or ["deploy", "pass", "others"])
 
@@ -94,6 +99,32 @@ def main(argv: Sequence[str] | None = None, log: Callable[[str], None] | None = 
     out.with_name("results.json").write_text(json.dumps(raw, indent=1, default=str))
     write(out, raw)
     say(f"wrote {out}, {png} and {out.with_name('results.json')} in {minutes:.1f} min")
+    return 0
+
+
+def remeasure(out: Path, modules: Sequence[str], quick: bool, threads: int, say: Callable[[str], None]) -> int:
+    """Measure ``modules`` again and put their rows in the stored results; nothing else changes, and the
+    header gains a line saying what was measured when, so no figure's date is ever hidden."""
+    source = out.with_name("results.json")
+    try:
+        raw = json.loads(source.read_text())
+    except (OSError, ValueError) as e:
+        say(f"cannot re-measure a section: {source} is missing or not JSON ({e}); run without --section first")
+        return 2
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    titles = {module: title for title, module in OTHERS.items()}
+    for module in modules:
+        say(module)
+        raw["others"][titles[module]] = [module, other_rows(module, quick)]
+    minutes = (time.perf_counter() - start) / 60
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    names = ", ".join(f"`{m}`" for m in modules)
+    raw["header"].insert(1, f"Section(s) {names} re-measured by `python -m benchmarks.run --section ...` on {stamp} "
+                            f"({minutes:.1f} min, commit {environment(threads)['git commit']}); the rest is from the run above.")
+    source.write_text(json.dumps(raw, indent=1, default=str))
+    write(out, raw)
+    say(f"re-measured {names} in {minutes:.1f} min; wrote {out}")
     return 0
 
 
