@@ -240,3 +240,30 @@ def test_diagonal_folds_into_grouped_conv_either_side(nd, groups, shift):
     x = rand(1, c, *([5] * nd), seed=4)
     assert close(run_map(compose_maps(conv, d), x), run_map(conv, run_map(d, x)))
     assert close(run_map(compose_maps(d, conv), x), run_map(d, run_map(conv, x)))
+
+
+def test_weights_are_read_only_when_a_region_is_written(monkeypatch):
+    """Recognizing and combining maps copies no weight; ``value`` computes the fold (fresh each time, so
+    nothing float64 outlives the region it was written for)."""
+    from branchfold.rewriter import affine
+
+    reads = []
+    real = affine.Lazy.get
+    monkeypatch.setattr(affine.Lazy, "get", lambda self: reads.append(self) or real(self))
+    w1, w2 = torch.randn(6, 6), torch.randn(6, 6)
+    a, b = canonical.linear(w1), canonical.linear(w2, torch.randn(6))
+    s = add_maps(add_maps(a, b), identity())
+    c = compose_maps(Diagonal(torch.full((6,), 2.0, dtype=F64), torch.zeros(6, dtype=F64), -1), s)
+    assert not reads and c.weight.shape == (6, 6) and c.macs() == 36
+    expected = 2 * (w1.double() + w2.double() + torch.eye(6, dtype=F64))
+    first, second = value(c.weight), value(c.weight)
+    torch.testing.assert_close(first, expected)
+    assert first.data_ptr() != second.data_ptr() and value(a.weight).data_ptr() != w1.data_ptr()
+    assert torch.equal(value(a.weight), w1.double())  # the stored weight itself is never written
+
+
+def test_a_weight_in_its_stored_layout_folds_the_same():
+    """ONNX MatMul weights are [in, out]: the map reads a transposed view, in that memory order."""
+    stored = torch.randn(5, 7)
+    m = add_maps(canonical.linear(stored.t()), canonical.linear(stored.t() * 2))
+    torch.testing.assert_close(value(m.weight), 3 * stored.t().double())
