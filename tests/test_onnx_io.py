@@ -86,6 +86,7 @@ def test_external_output_is_page_aligned_and_equal(make_onnx, tmp_path):
     onnx.save(proto, path)
     written = onnx_io.save_model(onnx_io.load(path), out, external_data=True)
     assert written == [out, tmp_path / "o.onnx.data"]
+    assert onnx_io.has_external_data(out) and not onnx_io.has_external_data(path)  # its own bytes are not
     assert oct(os.stat(written[1]).st_mode & 0o777) == oct(0o666 & ~_umask())  # not the temp file's 0600
     light = onnx.load(out, load_external_data=False)
     for t in light.graph.initializer:
