@@ -23,7 +23,7 @@ import torch
 
 from branchfold.adapters.onnx import OnnxFoldResult
 from branchfold.errors import BranchfoldError, InputError
-from branchfold.onnx_weights import FLOATS, Snapshot, ort_session, weightless_proto
+from branchfold.onnx_weights import FLOATS, Snapshot, ort_session, return_freed_memory, weightless_proto
 from branchfold.passes import verify as checks
 from branchfold.passes.onnx import fold_passes
 from branchfold.passes.onnx_horizontal import HorizontalFusionPass
@@ -299,6 +299,7 @@ class _Checker:
         self.expected = [_torch(reference.run(None, f)) for f in self.feeds]
         del reference
         gc.collect()
+        return_freed_memory()
         outputs = original.graph.outputs
         elem = outputs[0].dtype if outputs and outputs[0].dtype is not None else None
         low = {ir.DataType.FLOAT16: torch.float16, ir.DataType.BFLOAT16: torch.bfloat16}.get(elem)
@@ -311,6 +312,7 @@ class _Checker:
             worst = max(worst, checks.relative_error(ref, _torch(session.run(None, feed))))
         del session
         gc.collect()
+        return_freed_memory()
         return checks.Check(worst, self.tolerance, worst <= self.tolerance)
 
 
