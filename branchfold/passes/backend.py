@@ -12,25 +12,37 @@ longer reads are dropped from that graph (MobileOne: dynamo passes 330 inputs, t
 29), and the call picks the live ones out of dynamo's arguments with one ``itemgetter``. The folds also
 fuse Q/K/V-style sibling linears and convs as ``branchfold.fold`` does (option ``horizontal``).
 
-Before each call a guard checks every parameter a fold read, in three C-level passes over them compared
-with the lists taken at fold time: ``_version`` counters, identity, data pointers. That sees optimizer
-steps, ``load_state_dict``, in-place ops under no_grad, ``p.data = t`` and replaced parameters; the next
-call refolds in float64 and swaps the tensors, without recompiling (only if the new weights change the
-folded graph's structure, such as a folded bias becoming exactly zero, is the inner backend called
-again). No hook can stand in for the per-call read: an in-place update under no_grad fires none, and
-only its version counter records it. Writes through ``p.data`` (``p.data.copy_(w)``) bypass the version
-counter by design. For them, choose a check by its cost per call (MobileOne, 327 watched parameters,
-``benchmarks/bench_compile.py`` reports it per model):
+Before each call a guard (``backend_guard.WeightGuard``) checks every parameter a fold read: first a
+flag that a global optimizer step post-hook sets when an optimizer steps one of them (it may have
+written through ``p.data``), then three C-level passes over the watched tensors compared with the lists
+taken at fold time: identity (a replaced parameter), ``_version`` counters (in-place updates:
+``load_state_dict``, built-in optimizers, ``p.mul_(2)`` under no_grad) and data pointers
+(``p.data = t``). The next call after any of these refolds in float64 and swaps the tensors, without
+recompiling (only if the new weights change the folded graph's structure, such as a folded bias becoming
+exactly zero, is the inner backend called again). No hook can stand in for the per-call read: an
+in-place update under no_grad fires none, only its version counter records it, and torch has no batched
+reader of version counters. Writes through ``p.data`` outside an optimizer step (``p.data.copy_(w)``)
+bypass the version counter by design; for them, choose a check by its cost per call
+(``benchmarks/bench_compile.py`` reports the default's per model):
 
-- ``"metadata"`` (default, tens of microseconds for ~300 parameters): object, version counter, data
-  pointer; ``.data`` writes need ``invalidate()``.
+- ``"metadata"`` (default, about 0.2 us per watched parameter measured in a loop, two to three times
+  that right after the graph ran, whose activations have pushed the parameters' metadata out of the
+  cache): the optimizer flag, identity, version counter, data pointer; ``.data`` writes outside an
+  optimizer need ``invalidate()``.
 - ``"sampled"`` (several times that): also compares a strided sample of each watched parameter (about
   8 elements, read through views of its storage) with its value at fold time, so new weights loaded
   through ``.data`` are seen; a write that changes only unsampled elements is not.
 - ``"values"``: compares every value on every call (a full read of the weights).
 
-Dynamo itself guards and passes every parameter of the original module tree on each call; that cost is
-dynamo's (``torch.compile(m)`` pays it too) and grows with the number of modules.
+Folded weights stay graph inputs rather than constants baked into the compiled code: measured on
+MobileOne (CPU, batch 8), the compiled folded graph runs as fast as the one
+``torch.compile(branchfold.fold(m))`` builds (whose weights dynamo also passes as inputs), and Inductor's
+freezing (weights as constants) gained nothing there, so constants would give up the refold without a
+recompile for no speed. What the backend cannot remove is
+dynamo's: it guards and passes every parameter of the original module tree on each call (MobileOne: 330
+inputs; about 0.3 ms per call more than over the folded module in a loop, and 0.6-0.8 ms inside real
+calls, whose graph has evicted that metadata from the CPU caches); ``torch.compile(m)`` pays it too, and
+it grows with the number of parameters. ``benchmarks/bench_compile.py`` measures that floor per model.
 
 Options (``torch.compile(..., options={...})``): ``backend`` (the inner backend, a registered name
 such as ``"eager"`` or ``"aot_eager"`` or a callable; default ``"inductor"``), ``verify`` (check the
@@ -44,8 +56,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import operator
-import weakref
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -56,6 +66,7 @@ from torch.fx.experimental.symbolic_shapes import guarding_hint_or_throw
 
 from branchfold.errors import BranchfoldError, InputError
 from branchfold.passes import verify
+from branchfold.passes.backend_guard import WEIGHT_CHECKS, WeightGuard, invalidate, picker
 from branchfold.passes.fx import FoldBranchesPass
 from branchfold.passes.fx_horizontal import HorizontalFusionPass
 from branchfold.passes.undo import bisect_passing, only
@@ -66,30 +77,7 @@ log = logging.getLogger(__name__)
 
 Compiler = Callable[[fx.GraphModule, list], Callable]
 DEFAULT_INNER = "inductor"
-WEIGHT_CHECKS = ("metadata", "sampled", "values")
-SAMPLES_PER_TENSOR = 8
-_VERSION = operator.attrgetter("_version")
-_DATA_PTR = torch.Tensor.data_ptr
-
-
-def _picker(positions: Sequence[int]) -> Callable[[Sequence], tuple]:
-    """``args -> tuple(args[i] for i in positions)`` in one C call (``itemgetter``), for any length."""
-    if len(positions) > 1:
-        return operator.itemgetter(*positions)
-    if len(positions) == 1:
-        (i,) = positions
-        return lambda args: (args[i],)
-    return lambda args: ()
-
-
-def _sample(t: torch.Tensor) -> torch.Tensor:
-    """A flat strided view of about ``SAMPLES_PER_TENSOR`` elements of ``t``'s storage.
-
-    A view, not a copy: writes through ``t.data`` land in the same storage and show in it. A tensor
-    that cannot be viewed flat (non-contiguous) is sampled as a whole copy-free alias of its first row.
-    """
-    flat = t.detach().reshape(-1) if t.is_contiguous() else t.detach()[(0,) * (t.dim() - 1)]
-    return flat[:: max(1, flat.numel() // SAMPLES_PER_TENSOR)]
+__all__ = ["FoldedGraph", "branchfold_backend", "invalidate", "lift_folded_weights", "make_backend"]
 
 
 def branchfold_backend(
@@ -120,20 +108,6 @@ def branchfold_backend(
     if not folded.active:
         return compile_inner(gm, list(example_inputs))
     return folded.compile(example_inputs)
-
-
-_LIVE: weakref.WeakSet[FoldedGraph] = weakref.WeakSet()
-
-
-def invalidate() -> None:
-    """Make every folded graph refold on its next call.
-
-    Writes through ``param.data`` (``p.data.copy_(w)``) bypass the version counter by design, so the
-    default guard cannot see them: call this after such writes, or compile with
-    ``options={"weight_check": "values"}`` (compares the folded parameters' values on every call).
-    """
-    for graph in list(_LIVE):
-        graph.stale = True
 
 
 def make_backend(inner: str | Compiler = DEFAULT_INNER, **options: Any) -> Callable:
@@ -215,8 +189,7 @@ class FoldedGraph:
         self.original, self.constants, self.compile_inner = gm, constants, compile_inner
         self.check, self.tolerance, self.horizontal = check, tolerance, horizontal
         self.constant_positions = frozenset(constants.values())
-        self.by_value, self.sampled = weight_check == "values", weight_check == "sampled"
-        self.stale = False
+        self.weight_check = weight_check
         self.pristine = copy.deepcopy(gm.graph)
         self.users = {n.name: len(n.users) for n in gm.graph.nodes if n.op == "placeholder"}
         self.static = not any(_symbolic(x) for x in example_inputs)
@@ -227,7 +200,6 @@ class FoldedGraph:
         fold = self._fold(concrete)
         self.active = fold.changed
         if self.active:
-            _LIVE.add(self)
             log.info(
                 "branchfold: folded %d region(s) of a dynamo graph%s", len(fold.regions),
                 f", fused {fold.fused} sibling group(s)" if fold.fused else "",
@@ -243,29 +215,18 @@ class FoldedGraph:
     # -- the hot path ---------------------------------------------------------------------------------
 
     def __call__(self, *args: Any) -> Any:
-        if self.stale or not self.fresh(args):
+        if not self.guard.fresh(args):
             self._refold(args)
         return self.compiled(*self.select(args), *self.tensors)
 
     def fresh(self, args: Sequence) -> bool:
-        """Whether every parameter the folds read is the same tensor, unmodified, as at fold time.
+        """Whether every parameter the folds read is unchanged since the fold (``WeightGuard.fresh``)."""
+        return self.guard.fresh(args)
 
-        One pass per property over the watched inputs, each a C-level ``map`` compared with the list
-        taken at fold time: version counters first (optimizer steps, ``load_state_dict`` and in-place
-        updates all bump them), then identity (a replaced parameter) and data pointers (``p.data = t``).
-        """
-        watched = self.pick(args)
-        if (
-            list(map(_VERSION, watched)) != self.versions
-            or not all(map(operator.is_, watched, self.watched))
-            or list(map(_DATA_PTR, watched)) != self.pointers
-        ):
-            return False
-        if self.sampled and self.samples and not torch.equal(torch.cat(self.samples), self.sampled_at_fold):
-            return False
-        if self.by_value:
-            return all(torch.equal(args[i], snapshot) for i, snapshot in self.snapshots)
-        return True
+    @property
+    def watch(self) -> list[tuple[int, torch.Tensor, int, int]]:
+        """``(input position, tensor, version, data pointer)`` per parameter the folds read."""
+        return self.guard.watch
 
     # -- folding --------------------------------------------------------------------------------------
 
@@ -322,16 +283,8 @@ class FoldedGraph:
     def _install(self, fold: _Fold, inputs: Sequence) -> None:
         self.code = fold.gm.code
         self.tensors = fold.tensors
-        self.select = _picker(fold.keep)
-        self.watch = [(i, inputs[i], inputs[i]._version, inputs[i].data_ptr()) for i in fold.read]
-        self.pick = _picker(fold.read)
-        self.watched = [t for _, t, _, _ in self.watch]
-        self.versions = [v for _, _, v, _ in self.watch]
-        self.pointers = [p for _, _, _, p in self.watch]
-        self.snapshots = [(i, inputs[i].detach().clone()) for i in fold.read] if self.by_value else []
-        self.samples = [_sample(inputs[i]) for i in fold.read] if self.sampled else []
-        self.sampled_at_fold = torch.cat(self.samples).clone() if self.samples else None
-        self.stale = False
+        self.select = picker(fold.keep)
+        self.guard = WeightGuard(inputs, fold.read, self.weight_check)
 
     def _refold(self, args: Sequence) -> None:
         """The parameters changed: fold again from the live tensors; recompile only if the graph differs.

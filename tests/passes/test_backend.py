@@ -249,6 +249,77 @@ def test_a_model_with_hundreds_of_parameters_refolds_after_every_kind_of_update(
     assert len([c for c in rec.compiled if isinstance(c, FoldedGraph)]) == 1
 
 
+class DataSGD(torch.optim.Optimizer):
+    """SGD written the old way, through ``p.data``: the version counters never see its updates."""
+
+    def __init__(self, params, lr: float = 0.1) -> None:
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.data.add_(p.grad, alpha=-group["lr"])
+
+
+def test_mobileone_with_over_300_watched_parameters_sees_every_weight_change_on_the_next_call():
+    entry = ZOO["mobileone"]
+    torch.manual_seed(0)
+    model = entry.build().eval()
+    (x,) = entry.example_input(model, 1)
+    rec = Recorder(verify=False)  # each refold is compared with eager below; the check would only add time
+    compiled = torch.compile(model, backend=rec)
+    with torch.no_grad():
+        assert close(model(x), compiled(x))
+    folded = rec.folded
+    assert len(folded.watch) > 300
+    conv_weights = [p for p in model.parameters() if p.dim() == 4]
+
+    def step(optimizer_class):
+        def run():
+            opt = optimizer_class(model.parameters(), lr=1e-3)
+            model(x).square().mean().backward()  # eager: grad mode compiles a separate, unfolded graph
+            opt.step()
+            opt.zero_grad()
+
+        return run
+
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    updates = {
+        "torch.optim step": step(torch.optim.SGD),
+        "optimizer writing p.data": step(DataSGD),  # no version bump: the optimizer step hook sees it
+        "load_state_dict": lambda: model.load_state_dict(saved),
+        "in place under no_grad": lambda: conv_weights[len(conv_weights) // 2].mul_(1.1),
+    }
+    for i, (name, update) in enumerate(updates.items()):
+        with torch.set_grad_enabled("step" in name or "optimizer" in name):
+            update()
+        with torch.no_grad():
+            assert close(model(x), compiled(x)), f"{name}: stale folded weights served"
+        assert folded.refolds == i + 1, name
+    with torch.no_grad():
+        compiled(x)
+    assert folded.refolds == len(updates)  # nothing changed since: no refold
+    assert len([c for c in rec.compiled if isinstance(c, FoldedGraph)]) == 1  # never recompiled
+
+
+def test_an_optimizer_of_another_model_does_not_refold():
+    model = small_vit()
+    x = model.example_input(2)
+    rec = Recorder()
+    compiled = torch.compile(model, backend=rec)
+    other = nn.Linear(4, 4)
+    with torch.no_grad():
+        compiled(x)
+    opt = DataSGD(other.parameters())
+    other(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    with torch.no_grad():
+        compiled(x)
+    assert rec.folded.refolds == 0
+
+
 def test_writes_through_data_are_caught_by_the_sampled_check():
     """``p.data.copy_`` bypasses the version counter; the sampled values see new weights loaded that way."""
     model = small_vit()
