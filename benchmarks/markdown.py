@@ -233,7 +233,12 @@ def pass_section(rows: list[dict]) -> list[str]:
 
 
 def other_section(title: str, module: str, rows: list[dict] | str) -> list[str]:
-    out = [f"## {title}", "", f"Rows from `benchmarks/{module}.py` (`run(quick)`), written by its own author.", ""]
+    source = (
+        "From the log of a `make fuzz` campaign (`python -m benchmarks.run --fuzz-log LOG`), not run by the benchmarks."
+        if module == "fuzz"
+        else f"Rows from `benchmarks/{module}.py` (`run(quick)`), written by its own author."
+    )
+    out = [f"## {title}", "", source, ""]
     if isinstance(rows, str):
         return out + [rows, ""]
     if not rows:

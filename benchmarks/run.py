@@ -52,6 +52,9 @@ def main(argv: Sequence[str] | None = None, log: Callable[[str], None] | None = 
                         help="run only these parts (repeatable); default: all")
     parser.add_argument("--rerender", action="store_true",
                         help="measure nothing: rewrite the markdown and chart from the results.json next to --out")
+    parser.add_argument("--fuzz-log", type=Path,
+                        help="add the result of the `make fuzz` campaign whose output is this file to the stored "
+                             "results (a 10,000-model campaign is not run by the benchmarks themselves)")
     parser.add_argument("--section", choices=sorted(OTHERS.values()), action="append",
                         help="re-measure only this section (repeatable) and keep every other figure from the "
                              "results.json next to --out; the header says which sections were measured when")
@@ -63,6 +66,8 @@ def main(argv: Sequence[str] | None = None, log: Callable[[str], None] | None = 
         return rerender(args.out, say)
     if args.section:
         return remeasure(args.out, args.section, args.quick, args.threads, say)
+    if args.fuzz_log:
+        return add_fuzz(args.out, args.fuzz_log, say)
     torch.set_num_threads(args.threads)
     parts = set(args.only or ["deploy", "pass", "others"])
 
@@ -125,6 +130,30 @@ def remeasure(out: Path, modules: Sequence[str], quick: bool, threads: int, say:
     source.write_text(json.dumps(raw, indent=1, default=str))
     write(out, raw)
     say(f"re-measured {names} in {minutes:.1f} min; wrote {out}")
+    return 0
+
+
+FUZZ_TITLE = "Fuzz campaign (make fuzz)"
+
+
+def add_fuzz(out: Path, log_file: Path, say: Callable[[str], None]) -> int:
+    """Put the campaign logged in ``log_file`` into the stored results as its own section."""
+    from benchmarks.fuzz_result import campaign_row
+
+    source = out.with_name("results.json")
+    try:
+        raw = json.loads(source.read_text())
+        row = campaign_row(log_file)
+    except (OSError, ValueError) as e:
+        say(f"cannot add the fuzz campaign: {e}")
+        return 2
+    stamp = dt.datetime.fromtimestamp(log_file.stat().st_mtime, dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    row["finished"] = stamp
+    row["commit"] = environment(1)["git commit"]
+    raw["others"][FUZZ_TITLE] = ["fuzz", [row]]
+    source.write_text(json.dumps(raw, indent=1, default=str))
+    write(out, raw)
+    say(f"added {row['last line']!r} ({row['minutes']} min) to {out}")
     return 0
 
 

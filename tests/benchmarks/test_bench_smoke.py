@@ -127,3 +127,22 @@ def test_rerender_rewrites_the_same_tables_from_json(quick, tmp_path):
     assert run.main(["--rerender", "--out", str(copy)], log=lambda s: None) == 0
     assert copy.read_text() == out.read_text()
     assert run.main(["--rerender", "--out", str(tmp_path / "none" / "R.md")], log=lambda s: None) == 2
+
+
+FUZZ_LOG = """fuzz: FUZZ_SEED=7 FUZZ_N=40 workers=2 (ONNX on 50% of models, its dynamo exporter on 2% of those, fold's own verify on 15%)
+fuzz: 40 models in 95 s (0.61 graphs/s, 3 folds skipped: the exporter or the original could not run the model); by path: {}
+fuzz: 58 graphs (FX 40, ONNX 18), 0 mismatches
+"""
+
+
+def test_a_fuzz_campaign_log_becomes_its_own_section(quick, tmp_path):
+    out, _ = quick
+    log = tmp_path / "campaign.log"
+    log.write_text(FUZZ_LOG)
+    assert run.main(["--out", str(out), "--fuzz-log", str(log)], log=lambda s: None) == 0
+    text = out.read_text()
+    assert "## " in text and run.FUZZ_TITLE in text and "fuzz: 58 graphs (FX 40, ONNX 18), 0 mismatches" in text
+    row = json.loads(out.with_name("results.json").read_text())["others"][run.FUZZ_TITLE][1][0]
+    assert (row["models"], row["graphs"], row["mismatches"], row["minutes"], row["workers"]) == (40, 58, 0, 1.6, 2)
+    log.write_text(FUZZ_LOG.splitlines()[0])  # a campaign still running (or killed) has no result
+    assert run.main(["--out", str(out), "--fuzz-log", str(log)], log=lambda s: None) == 2
