@@ -55,6 +55,7 @@ def main(argv: Sequence[str] | None = None, log: Callable[[str], None] | None = 
     parser.add_argument("--fuzz-log", type=Path,
                         help="add the result of the `make fuzz` campaign whose output is this file to the stored "
                              "results (a 10,000-model campaign is not run by the benchmarks themselves)")
+    parser.add_argument("--fuzz-note", default="", help="a sentence shown with the fuzz campaign's row")
     parser.add_argument("--section", choices=sorted(OTHERS.values()), action="append",
                         help="re-measure only this section (repeatable) and keep every other figure from the "
                              "results.json next to --out; the header says which sections were measured when")
@@ -67,7 +68,7 @@ def main(argv: Sequence[str] | None = None, log: Callable[[str], None] | None = 
     if args.section:
         return remeasure(args.out, args.section, args.quick, args.threads, say)
     if args.fuzz_log:
-        return add_fuzz(args.out, args.fuzz_log, say)
+        return add_fuzz(args.out, args.fuzz_log, say, args.fuzz_note)
     torch.set_num_threads(args.threads)
     parts = set(args.only or ["deploy", "pass", "others"])
 
@@ -136,7 +137,7 @@ def remeasure(out: Path, modules: Sequence[str], quick: bool, threads: int, say:
 FUZZ_TITLE = "Fuzz campaign (make fuzz)"
 
 
-def add_fuzz(out: Path, log_file: Path, say: Callable[[str], None]) -> int:
+def add_fuzz(out: Path, log_file: Path, say: Callable[[str], None], note: str = "") -> int:
     """Put the campaign logged in ``log_file`` into the stored results as its own section."""
     from benchmarks.fuzz_result import campaign_row
 
@@ -149,7 +150,8 @@ def add_fuzz(out: Path, log_file: Path, say: Callable[[str], None]) -> int:
         return 2
     stamp = dt.datetime.fromtimestamp(log_file.stat().st_mtime, dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     row["finished"] = stamp
-    row["commit"] = environment(1)["git commit"]
+    row["added at commit"] = environment(1)["git commit"]
+    row["note"] = note
     raw["others"][FUZZ_TITLE] = ["fuzz", [row]]
     source.write_text(json.dumps(raw, indent=1, default=str))
     write(out, raw)
