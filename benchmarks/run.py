@@ -102,20 +102,31 @@ def main(argv: Sequence[str] | None = None, log: Callable[[str], None] | None = 
     raw = {"environment": env, "rows": rows, "others": {t: list(v) for t, v in others.items()},
            "header": header, "title": title}
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_name("results.json").write_text(json.dumps(raw, indent=1, default=str))
-    write(out, raw)
+    _store(out, raw)
     say(f"wrote {out}, {png} and {out.with_name('results.json')} in {minutes:.1f} min")
     return 0
+
+
+def _stored(out: Path, say: Callable[[str], None], what: str, flag: str) -> dict | None:
+    """The results.json next to ``out``, or None after saying why ``what`` cannot be done without it."""
+    source = out.with_name("results.json")
+    try:
+        return json.loads(source.read_text())
+    except (OSError, ValueError) as e:
+        say(f"cannot {what}: {source} is missing or not JSON ({e}); run without {flag} first")
+        return None
+
+
+def _store(out: Path, raw: dict) -> None:
+    out.with_name("results.json").write_text(json.dumps(raw, indent=1, default=str))
+    write(out, raw)
 
 
 def remeasure(out: Path, modules: Sequence[str], quick: bool, threads: int, say: Callable[[str], None]) -> int:
     """Measure ``modules`` again and put their rows in the stored results; nothing else changes, and the
     header gains a line saying what was measured when, so no figure's date is ever hidden."""
-    source = out.with_name("results.json")
-    try:
-        raw = json.loads(source.read_text())
-    except (OSError, ValueError) as e:
-        say(f"cannot re-measure a section: {source} is missing or not JSON ({e}); run without --section first")
+    raw = _stored(out, say, "re-measure a section", "--section")
+    if raw is None:
         return 2
     torch.set_num_threads(threads)
     start = time.perf_counter()
@@ -128,8 +139,7 @@ def remeasure(out: Path, modules: Sequence[str], quick: bool, threads: int, say:
     names = ", ".join(f"`{m}`" for m in modules)
     raw["header"].insert(1, f"Section(s) {names} re-measured by `python -m benchmarks.run --section ...` on {stamp} "
                             f"({minutes:.1f} min, commit {environment(threads)['git commit']}); the rest is from the run above.")
-    source.write_text(json.dumps(raw, indent=1, default=str))
-    write(out, raw)
+    _store(out, raw)
     say(f"re-measured {names} in {minutes:.1f} min; wrote {out}")
     return 0
 
@@ -141,9 +151,10 @@ def add_fuzz(out: Path, log_file: Path, say: Callable[[str], None], note: str = 
     """Put the campaign logged in ``log_file`` into the stored results as its own section."""
     from benchmarks.fuzz_result import campaign_row
 
-    source = out.with_name("results.json")
+    raw = _stored(out, say, "add the fuzz campaign", "--fuzz-log")
+    if raw is None:
+        return 2
     try:
-        raw = json.loads(source.read_text())
         row = campaign_row(log_file)
     except (OSError, ValueError) as e:
         say(f"cannot add the fuzz campaign: {e}")
@@ -153,8 +164,7 @@ def add_fuzz(out: Path, log_file: Path, say: Callable[[str], None], note: str = 
     row["added at commit"] = environment(1)["git commit"]
     row["note"] = note
     raw["others"][FUZZ_TITLE] = ["fuzz", [row]]
-    source.write_text(json.dumps(raw, indent=1, default=str))
-    write(out, raw)
+    _store(out, raw)
     say(f"added {row['last line']!r} ({row['minutes']} min) to {out}")
     return 0
 
@@ -168,14 +178,11 @@ def write(out: Path, raw: dict) -> None:
 
 def rerender(out: Path, say: Callable[[str], None]) -> int:
     """Rewrite RESULTS.md and the chart from stored figures: a change of layout never needs a re-run."""
-    source = out.with_name("results.json")
-    try:
-        raw = json.loads(source.read_text())
-    except (OSError, ValueError) as e:
-        say(f"cannot rerender: {source} is missing or not JSON ({e}); run without --rerender first")
+    raw = _stored(out, say, "rerender", "--rerender")
+    if raw is None:
         return 2
     write(out, raw)
-    say(f"rewrote {out} and {out.with_name('results.png')} from {source}")
+    say(f"rewrote {out} and {out.with_name('results.png')} from {out.with_name('results.json')}")
     return 0
 
 

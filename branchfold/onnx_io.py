@@ -159,11 +159,9 @@ def save_model(
     if not folder.is_dir():
         raise InputError(f"output folder {folder} does not exist")
     graph = ir.from_proto(model) if isinstance(model, onnx.ModelProto) else model
-    if external_data is None:
-        external_data = needs_external_data(graph, limit)
     tmp = Path(tempfile.mkdtemp(prefix=".branchfold-", dir=folder))
     try:
-        staged = onnx_weights.save(graph, tmp / target.name, external_data=external_data)
+        staged = onnx_weights.save(graph, tmp / target.name, external_data=external_data, limit=limit)
         mode = 0o666 & ~_umask()
         written = []
         for f in staged:

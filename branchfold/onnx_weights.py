@@ -20,7 +20,7 @@ import contextlib
 import ctypes
 import mmap
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +86,15 @@ def _refer(t: onnx.TensorProto, location: str, offset: int, length: int) -> None
 # snapshots
 
 
+def drop_pages(tensors: Iterable[ir.TensorProtocol]) -> None:
+    """Drop from this process the pages of the memory-mapped tensors among ``tensors`` that were read
+    (clean file pages: they stay mapped and are read again from the page cache if needed)."""
+    for t in tensors:
+        mapped = getattr(t, "raw", None) if isinstance(t, ir.ExternalTensor) else None
+        if isinstance(mapped, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
+            mapped.madvise(mmap.MADV_DONTNEED)
+
+
 def return_freed_memory() -> None:
     """Give the heap's free memory back to the system. A fold's float64 temporaries are tens of MB each;
     glibc raises its mmap threshold after freeing such blocks, so later ones come from the heap and stay
@@ -118,10 +127,7 @@ class Snapshot:
         """Drop the pages of the file-backed weights a fold read from this process (they stay mapped, and
         are read again from the page cache if a later fold needs them), so region weights are resident
         one fold at a time."""
-        for t in self.tensors.values():
-            mapped = getattr(t, "raw", None) if isinstance(t, ir.ExternalTensor) else None
-            if isinstance(mapped, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
-                mapped.madvise(mmap.MADV_DONTNEED)  # clean file pages: dropped now, read again if needed
+        drop_pages(self.tensors.values())
         return_freed_memory()
 
     def model(self) -> ir.Model:
@@ -201,19 +207,24 @@ def ort_session(model: ir.Model, options, weights_as_inputs: bool = False):
 
 def model_bytes(model: ir.Model) -> int:
     """The size of ``model`` serialized as one protobuf (weightless graph plus the big tensors' bytes)."""
-    proto, tensors = weightless_proto(model)
+    return _serialized_size(*weightless_proto(model))
+
+
+def _serialized_size(proto: onnx.ModelProto, tensors: dict[str, ir.TensorProtocol]) -> int:
     return proto.ByteSize() + sum(t.nbytes + 32 for t in tensors.values())
 
 
-def save(model: ir.Model, path: str | os.PathLike, external_data: bool | None = None) -> list[Path]:
+def save(
+    model: ir.Model, path: str | os.PathLike, external_data: bool | None = None, limit: int = PROTOBUF_LIMIT
+) -> list[Path]:
     """Write ``model`` to ``path`` (not atomically: ``onnx_io.save_model`` stages it); returns the files.
 
     ``external_data``: None puts the big tensors in ``<name>.data`` only when the model does not fit one
-    protobuf. ``model`` is not changed (placeholders are swapped in and out while it is serialized)."""
+    protobuf (``limit`` bytes). ``model`` is not changed (placeholders are swapped in and out while it is serialized)."""
     target = Path(path)
     proto, tensors = weightless_proto(model)
     if external_data is None:
-        external_data = proto.ByteSize() + sum(t.nbytes + 32 for t in tensors.values()) >= PROTOBUF_LIMIT
+        external_data = _serialized_size(proto, tensors) >= limit
     if external_data:
         data = target.with_name(target.name + ".data")
         _write_external(proto, tensors, target, data)

@@ -37,7 +37,7 @@ from branchfold.rewriter.region import Region
 Progress = Callable[[str], None]
 KNOWN_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "ai.onnx.preview.training"}
 DYNAMIC_DIM = 2  # size given to symbolic / unknown dims when making random inputs
-_LOW = {onnx.TensorProto.FLOAT16: torch.float16, onnx.TensorProto.BFLOAT16: torch.bfloat16}
+_LOW = {ir.DataType.FLOAT16: torch.float16, ir.DataType.BFLOAT16: torch.bfloat16}
 
 
 @dataclass
@@ -302,8 +302,7 @@ class _Checker:
         return_freed_memory()
         outputs = original.graph.outputs
         elem = outputs[0].dtype if outputs and outputs[0].dtype is not None else None
-        low = {ir.DataType.FLOAT16: torch.float16, ir.DataType.BFLOAT16: torch.bfloat16}.get(elem)
-        self.tolerance = tolerance if tolerance is not None else checks.tolerance_for(low)
+        self.tolerance = tolerance if tolerance is not None else checks.tolerance_for(_LOW.get(elem))
 
     def check(self, candidate: ir.Model) -> checks.Check:
         session = _session(candidate, "folded")

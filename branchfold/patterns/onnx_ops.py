@@ -15,7 +15,6 @@ value a constant, and which stored tensors does it come from" and "what is this 
 
 from __future__ import annotations
 
-import mmap
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
+from branchfold.onnx_weights import drop_pages
 from branchfold.patterns import canonical
 from branchfold.patterns.onnx_nonlinear import Nonlinearity, protected_nodes
 from branchfold.rewriter.affine import Refusal
@@ -126,10 +126,7 @@ class OnnxContext:
     def release_pages(self) -> None:
         """Drop from this process the file pages of the memory-mapped weights read so far (clean pages:
         read again from the page cache if needed), so that a fold holds one region's weights at a time."""
-        for t in self._mapped:
-            raw = getattr(t, "raw", None)
-            if isinstance(raw, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
-                raw.madvise(mmap.MADV_DONTNEED)
+        drop_pages(self._mapped)
 
     def nonlinearity(self, node: ir.Node) -> Nonlinearity | None:
         """The decomposed nonlinearity (GELU, LayerNorm, ...) ``node`` belongs to, found once per graph."""
