@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # `fuzz` is a top-level folder of the repository, not an installed package
     sys.path.insert(0, str(ROOT))
 
-from fuzz.campaign import _one_ulp_off, _rounded_runs, _within  # noqa: E402
+from fuzz.campaign import Case, _export_onnx, _one_ulp_off, _reference_evaluator, _rounded_runs, _within  # noqa: E402
 
 
 def _mlp(dtype: torch.dtype) -> nn.Module:
@@ -59,3 +59,27 @@ def test_a_difference_over_the_spread_is_a_mismatch_whatever_the_float64_fold_sa
     ok, _ = _within(ref, ref + 1e-7 * ref.abs().max(), 1e-5, lambda: exact, _rounded_runs(model, x),
                     lambda: asked.append(1) or True)  # fmt: skip
     assert ok and not asked  # within tolerance: neither noise nor float64 is consulted
+
+
+@pytest.mark.parametrize("opset", [13, 17])
+def test_the_float64_oracle_runs_an_exported_batchnorm_in_inference_mode_as_onnxruntime_does(opset):
+    """onnx's own reference BatchNormalization (opset 9-13) takes the exporters' ``momentum`` attribute
+    for training mode; the oracle must compute the graph onnxruntime computes, or it decides nothing."""
+    import numpy as np
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(3)
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.randn(3))
+        bn.running_var.copy_(torch.rand(3) + 0.5)
+    model = nn.Sequential(bn, nn.ReLU()).double().eval()  # no conv before it: the exporter keeps the node
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    proto = _export_onnx(model, x, Case(path="onnx-legacy", verify=False, opset=opset))
+    assert [n.op_type for n in proto.graph.node] == ["BatchNormalization", "Relu"]
+    with torch.no_grad():
+        want = model(x).numpy()
+    (got,) = _reference_evaluator(proto).run(None, {"x": x.numpy()})
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {"x": x.numpy()})[0], want, rtol=1e-9, atol=1e-9)
