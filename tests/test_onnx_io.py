@@ -17,7 +17,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from branchfold import onnx_io
-from branchfold.onnx_weights import DATA_ALIGNMENT, Snapshot, ort_session, weightless_proto
+from branchfold.onnx_weights import DATA_ALIGNMENT, Snapshot, ort_session, stand_in_file, weightless_proto
 from branchfold.onnx_wire import MIN_EXTERNAL_BYTES, load_weightless
 from branchfold.passes.onnx_pipeline import fold_onnx
 
@@ -123,11 +123,35 @@ def test_session_reads_file_weights_in_place_and_takes_folded_ones_as_inputs(mak
     assert any(not isinstance(v.const_value, ir.ExternalTensor) for v in folded.graph.initializers.values())
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort_session(folded, options, weights_as_inputs=True)
+    session = ort_session(folded, options, weights="inputs")
     assert [i.name for i in session.get_inputs()] == ["x"]
     x = R.standard_normal((3, 64)).astype(np.float32)
     reference = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(session.run(None, {"x": x})[0], reference.run(None, {"x": x})[0], rtol=1e-4, atol=1e-4)
+
+
+def test_stand_ins_hand_the_runtime_no_copy_of_the_folded_weights(make_onnx, tmp_path):
+    """For a session that is only optimized, the weights a fold wrote refer to a region of a data file of
+    the model; as initializers they are OrtValues (copied by onnxruntime). Here the fold replaced every
+    file-backed weight, so the file is the original's; without it, the folded weight goes as a value."""
+    path = tmp_path / "m.onnx"
+    onnx.save(_model(make_onnx), path)
+    original = onnx_io.load(path)
+    folded = fold_onnx(original, verify=False).model
+    stand_in = stand_in_file(original)
+    assert stand_in is not None and (stand_in.folder, stand_in.location) == (str(tmp_path), "m.onnx")
+    assert stand_in_file(folded) is None  # w0 and w1 were file-backed; the folded weight is in memory
+
+    def values(**how) -> int:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        session = ort_session(folded, options, **how)
+        assert [i.name for i in session.get_inputs()] == ["x"]
+        return len(session.session._branchfold_values)
+
+    assert values(weights="stand-ins", stand_in=stand_in) == 0
+    assert values(weights="stand-ins") == 1  # no file of its own: the folded w0 + w1 as a value
+    assert values(weights="initializers", stand_in=stand_in) == 1
 
 
 def test_in_place_fold_of_a_lazily_loaded_file(make_onnx, tmp_path):

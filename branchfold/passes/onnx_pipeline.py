@@ -255,7 +255,7 @@ def _session(model: ir.Model, what: str):
     options.enable_cpu_mem_arena = False  # an arena keeps what a run allocated (GPT-2's transposed weights)
     options.enable_mem_pattern = False
     try:
-        return ort_session(model, options, weights_as_inputs=True)
+        return ort_session(model, options, weights="inputs")
     except Exception as e:  # onnxruntime raises its own exception types
         line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise BranchfoldError(

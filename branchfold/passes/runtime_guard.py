@@ -50,6 +50,7 @@ import onnx
 import onnx_ir as ir
 
 from branchfold.errors import InputError
+from branchfold.onnx_weights import StandInFile, WeightsMode, stand_in_file
 
 CONTRIB = "com.microsoft"
 NCHWC = "com.microsoft.nchwc"
@@ -179,9 +180,12 @@ def _model_file(model: Model) -> Iterator[str]:
         yield path
 
 
-def runtime_profile(model: Model) -> Profile:
+def runtime_profile(model: Model, weights: WeightsMode = "stand-ins", stand_in: StandInFile | None = None) -> Profile:
     """The profile of the graph onnxruntime's CPU session builds at ``ORT_ENABLE_ALL``. The session reads
-    the weights where they lie (``onnx_weights.ort_session``) and is never run."""
+    the weights where they lie and is never run, so the weights a fold wrote go in as stand-ins (regions of
+    the model's own file: ``onnx_weights.ort_session``), not as copies; ``weights="initializers"`` passes
+    their values (onnxruntime copies them), which the tests compare against. ``stand_in``: the file whose
+    regions stand in (by default the model's own; the guard passes the original's)."""
     import onnxruntime as ort
 
     from branchfold.onnx_weights import ort_session, return_freed_memory
@@ -203,7 +207,7 @@ def runtime_profile(model: Model) -> Profile:
         # Prepacking copies every weight into the kernels' layouts after the graph is optimized: it
         # changes nothing the profile reads and takes 3/4 of the time (GPT-2 124M: 4.8 s, 1.2 s without)
         options.add_session_config_entry("session.disable_prepacking", "1")
-        session = ort_session(_as_ir(model), options)
+        session = ort_session(_as_ir(model), options, weights=weights, stand_in=stand_in)
         del session  # it is never run: only the graph it wrote is read
         return_freed_memory()
         return profile_of(onnx.load(optimized, load_external_data=False).graph.node)
@@ -266,7 +270,10 @@ class FusionGuard:
     def __init__(self, original: Model, runtime: bool = True, transformer: str | None = None) -> None:
         tools: dict[str, Callable[[Model], Profile]] = {}
         if runtime:
-            tools[RUNTIME] = runtime_profile
+            # a candidate's folded weights stand in as regions of the original's file, which a fold that
+            # replaced every file-backed weight no longer names
+            stand_in = stand_in_file(_as_ir(original))
+            tools[RUNTIME] = lambda model: runtime_profile(model, stand_in=stand_in)
         if transformer is not None:
             check_transformer_type(transformer)
             tools[f"onnxruntime's transformer optimizer ({transformer})"] = lambda proto: transformer_profile(

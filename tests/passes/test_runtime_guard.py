@@ -17,6 +17,7 @@ from collections import Counter
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 import torch
@@ -24,6 +25,7 @@ from onnx import helper, numpy_helper
 
 import branchfold
 from branchfold import cli
+from branchfold.onnx_weights import stand_in_file
 from branchfold.passes import runtime_guard as rg
 from branchfold.passes.onnx_pipeline import fold_onnx
 from branchfold.passes.runtime_guard import FusionGuard, Profile, profile_of, runtime_profile
@@ -360,3 +362,56 @@ def test_gpt2_fold_keeps_every_transformer_fusion():
     reference = rg.family_counts(rg.transformer_profile(gpt2, "gpt2"))
     assert reference["FastGelu"] == 2  # GPT-2's tanh GELU, fused by the transformer optimizer
     assert rg.family_counts(rg.transformer_profile(result.model, "gpt2")) == reference
+
+
+# ----------------------------------------------------------------------------------------------
+# the weights a fold wrote go to the guard's optimizer as stand-ins
+
+
+def _file_backed(proto: onnx.ModelProto, tmp_path, name: str):
+    from branchfold import onnx_io
+
+    path = tmp_path / f"{name}.onnx"
+    onnx.save(proto, path)
+    return onnx_io.load(path)
+
+
+def _models_with_folded_weights():
+    """Real exports whose fold writes weights: BERT (unprotected, so GELU constants move into MatMuls and
+    the profile changes), GPT-2, a multi-branch ViT and a RepVGG conv stack (NCHWc layout)."""
+    ids, mask = torch.randint(0, 100, (1, 16)), torch.ones(1, 16, dtype=torch.long)
+    yield "bert", _export(_Bert().eval(), (ids, mask), dynamo=False), True
+    yield "gpt2", _export(_Gpt2().eval(), (ids, mask), dynamo=False), False
+    for zoo_name in ("seed-vit-k2", "repvgg"):
+        entry = ZOO[zoo_name]
+        model = entry.build().eval()
+        yield zoo_name, _export(model, entry.example_input(model, 1), dynamo=False), False
+
+
+def test_stand_ins_give_the_optimizer_the_graph_it_builds_from_the_real_weights(tmp_path, monkeypatch):
+    """The guard's candidate sessions take each weight the fold wrote as a region of the model's own file
+    (no copy: GPT-2 124M's 24 folded weights cost 190 MB as OrtValues). onnxruntime's optimizer must build
+    the same graph from them as from the real values: same fused kinds and reorders, and, as a check that
+    this test can tell graphs apart, the unprotected BERT fold's profile differs from its original's."""
+    from branchfold.patterns import onnx_ops
+
+    for name, proto, unprotect in _models_with_folded_weights():
+        with monkeypatch.context() as patch:
+            if unprotect:
+                patch.setattr(onnx_ops.OnnxContext, "nonlinearity", lambda self, node: None)
+            original = _file_backed(proto, tmp_path, name)
+            folded = fold_onnx(original, verify=False).model
+        written = [v for v in folded.graph.initializers.values() if v.const_value is not None
+                   and not isinstance(v.const_value, ir.ExternalTensor) and v.const_value.nbytes >= 1024]  # fmt: skip
+        assert written, name  # the fold wrote weights: they are what the stand-ins replace
+        real = runtime_profile(folded, weights="initializers")
+        assert runtime_profile(folded, stand_in=stand_in_file(original)) == real, name
+        if unprotect:
+            assert rg.family_counts(real) != rg.family_counts(runtime_profile(original)), name
+
+
+def test_stand_ins_fall_back_to_values_where_no_file_holds_the_weights(mlp):
+    """A model built in memory has no file to take regions of: the weights go to the runtime as values."""
+    folded = fold_onnx(mlp, verify=False, runtime_guard=False).model
+    assert stand_in_file(ir.from_proto(mlp)) is None
+    assert runtime_profile(folded) == runtime_profile(folded, weights="initializers")
