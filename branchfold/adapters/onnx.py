@@ -18,7 +18,7 @@ import torch
 
 from branchfold.adapters.onnx_reshapes import UnflattenedOp, read_through_reshapes
 from branchfold.patterns.onnx_ops import OnnxContext, mark_shared, recognize
-from branchfold.rewriter.affine import Conv, Dense, Diagonal, Tensorish, value
+from branchfold.rewriter.affine import Conv, Dense, Diagonal, Tensorish, rounded, value
 from branchfold.rewriter.region import NotFolded, Op, Region, SplitSource, WalkResult, find_regions
 
 
@@ -173,12 +173,15 @@ class Emitter:
 
     # -- writing ops ------------------------------------------------------------------------------
 
-    def _initializer(self, t: Tensorish, dtype: ir.DataType | None, hint: str) -> ir.Value:
+    def _initializer(self, t: Tensorish, dtype: ir.DataType | None, hint: str, transposed: bool = False) -> ir.Value:
+        """``t`` (its transpose, with ``transposed``) as a new initializer of ``dtype``."""
         dtype = dtype or ir.DataType.FLOAT
         if dtype.is_floating_point():
-            t = value(t).detach().cpu()
-            torch_dtype = _TORCH_FLOATS.get(dtype)  # one strided pass casts and lays out (a transposed weight)
-            arr = t.to(torch_dtype).contiguous().numpy() if torch_dtype else np.ascontiguousarray(t.numpy().astype(dtype.numpy()))
+            torch_dtype = _TORCH_FLOATS.get(dtype)
+            w = rounded(t, torch_dtype, transposed).detach().cpu() if torch_dtype else value(t).detach().cpu()
+            w = w.t() if transposed else w
+            # one strided pass lays out a transposed weight (or casts it, for a dtype torch lacks)
+            arr = w.contiguous().numpy() if torch_dtype else np.ascontiguousarray(w.numpy().astype(dtype.numpy()))
         else:
             arr = np.ascontiguousarray(t.numpy())
         tensor = ir.tensor(arr, dtype=dtype if dtype.is_floating_point() else None)
@@ -200,7 +203,7 @@ class Emitter:
     def _apply(self, m, src: ir.Value, like: ir.Value) -> ir.Value:
         dtype = like.dtype
         if isinstance(m, Dense):
-            w = self._initializer(value(m.weight).t(), dtype, "weight")  # stored as [in, out] like the exporters
+            w = self._initializer(m.weight, dtype, "weight", transposed=True)  # stored as [in, out] like the exporters
             has_bias = bool((value(m.bias) != 0).any())
             if src.shape is not None and len(src.shape) == 2 and has_bias:
                 b = self._initializer(m.bias, dtype, "bias")

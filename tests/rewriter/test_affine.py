@@ -267,3 +267,84 @@ def test_a_weight_in_its_stored_layout_folds_the_same():
     stored = torch.randn(5, 7)
     m = add_maps(canonical.linear(stored.t()), canonical.linear(stored.t() * 2))
     torch.testing.assert_close(value(m.weight), 3 * stored.t().double())
+
+
+# ----------------------------------------------------------------------------------------------
+# rounded: the parallel sum of two stored weights computed in their own dtype, bit for bit
+
+
+_EXTREMES = [0.0, -0.0, 1.0, -1.0, 3.0e38, -3.0e38, 1e-45, -1e-45, 1.1754942e-38, 6e-8, 65504.0, 1e-30, 1e30, 0.1]
+
+
+@st.composite
+def weight_pair(draw):
+    """Two weights of one shape and dtype, with values that make double rounding bite if it can: wide
+    exponent gaps, subnormals, values near overflow, halfway cases; stored as they are or transposed."""
+    dtype = draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
+    n = draw(st.integers(1, 6))
+    seed = draw(st.integers(0, 2**31 - 1))
+    g = torch.Generator().manual_seed(seed)
+    scales = torch.tensor([10.0 ** draw(st.integers(-40, 38)) for _ in range(2)], dtype=F64)
+    a = torch.randn(n, n, generator=g, dtype=F64) * scales[0]
+    b = torch.randn(n, n, generator=g, dtype=F64) * scales[1]
+    picks = draw(st.lists(st.sampled_from(_EXTREMES), min_size=2 * n * n, max_size=2 * n * n))
+    mask = torch.rand(2, n, n, generator=g) < 0.3
+    extremes = torch.tensor(picks, dtype=F64).reshape(2, n, n)
+    a, b = torch.where(mask[0], extremes[0], a), torch.where(mask[1], extremes[1], b)
+    a, b = a.to(dtype), b.to(dtype)  # out-of-range values become inf, as they would be stored
+    layouts = draw(st.sampled_from(["as-is", "transposed", "mixed"]))
+    if layouts != "as-is":
+        a = a.t().contiguous().t()  # same values, column-major storage (an ONNX MatMul weight)
+    if layouts == "transposed":
+        b = b.t().contiguous().t()
+    return a, b
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    view = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}[t.dtype]
+    return t.contiguous().view(view)
+
+
+@settings(max_examples=200, deadline=None)
+@given(weight_pair(), st.sampled_from(["sum", "sum+identity", "one+identity", "sum+scaled-identity"]))
+def test_rounded_gives_the_bits_of_the_float64_fold(pair, form):
+    """``rounded`` computes a two-weight sum in the weights' dtype: the bits must be those of the float64
+    fold cast once (the same rule the adapters used before), on every value and layout drawn."""
+    from branchfold.rewriter.affine import rounded
+
+    a, b = pair
+    n = a.shape[0]
+    x, y = canonical.linear(a), canonical.linear(b)
+    if form == "sum":
+        m = add_maps(x, y)
+    elif form == "sum+identity":
+        m = add_maps(add_maps(x, y), identity())
+    elif form == "one+identity":
+        m = add_maps(x, identity())
+    else:
+        scale = torch.linspace(-3.0, 5.0, n, dtype=F64)
+        m = add_maps(add_maps(x, y), Diagonal(scale, torch.zeros(n, dtype=F64), -1))
+    assert m.weight.terms is not None  # the fast path is what is under test
+    want = value(m.weight).to(a.dtype)
+    for transposed in (False, True):
+        got = rounded(m.weight, a.dtype, transposed)
+        assert got.dtype == a.dtype and torch.equal(_bits(got), _bits(want))
+    assert torch.equal(a, pair[0]) and torch.equal(b, pair[1])  # the stored weights are not written
+
+
+def test_rounded_keeps_the_stored_layout_and_falls_back_beyond_two_terms():
+    """Two column-major weights sum into a column-major result (an ONNX MatMul weight is written without a
+    strided copy); three branches, or a weight scaled by a BatchNorm, go through float64 as before."""
+    from branchfold.rewriter.affine import rounded
+
+    w = [torch.randn(8, 8).t() for _ in range(3)]  # transposed views, as ONNX MatMul weights are read
+    two = add_maps(canonical.linear(w[0]), canonical.linear(w[1]))
+    assert rounded(two.weight, torch.float32).stride() == w[0].stride()
+    row_major = add_maps(canonical.linear(w[0].contiguous()), canonical.linear(w[1]))
+    laid_out = rounded(row_major.weight, torch.float32, transposed=True)  # to be written as [in, out]
+    assert laid_out.t().is_contiguous() and torch.equal(laid_out, value(row_major.weight).float())
+    three = add_maps(two, canonical.linear(w[2]))
+    scaled = compose_maps(Diagonal(torch.full((8,), 0.3, dtype=F64), torch.zeros(8, dtype=F64), -1), two)
+    for m in (three, scaled):
+        assert m.weight.terms is None
+        assert torch.equal(rounded(m.weight, torch.float32), value(m.weight).float())
