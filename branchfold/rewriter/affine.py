@@ -131,7 +131,10 @@ def rounded(t: Tensorish, dtype: torch.dtype, transposed: bool = False) -> torch
                 exact = exact + term.diagonal()
             w.diagonal().copy_(exact + t.diagonal)
         return w
-    return value(t).to(dtype, copy=True)  # a copy even where the value is a float64 tensor of the caller's
+    exact = value(t)
+    if transposed and exact.dim() == 2:  # cast and lay out in one strided pass
+        return torch.empty(exact.shape[::-1], dtype=dtype, device=exact.device).t().copy_(exact)
+    return exact.to(dtype, copy=True)  # a copy even where the value is a float64 tensor of the caller's
 
 
 class Refusal(Exception):

@@ -348,3 +348,5 @@ def test_rounded_keeps_the_stored_layout_and_falls_back_beyond_two_terms():
     for m in (three, scaled):
         assert m.weight.terms is None
         assert torch.equal(rounded(m.weight, torch.float32), value(m.weight).float())
+        laid_out = rounded(m.weight, torch.float32, transposed=True)
+        assert laid_out.t().is_contiguous() and torch.equal(laid_out, value(m.weight).float())
