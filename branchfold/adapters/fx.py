@@ -18,7 +18,15 @@ from torch import fx, nn
 
 from branchfold.patterns import reshapes
 from branchfold.patterns.fx_ops import FxContext, dtype_of, recognize
-from branchfold.rewriter.affine import Conv, Dense, Diagonal, Tensorish, cast_tensor, out_channels, value
+from branchfold.rewriter.affine import (
+    Conv,
+    Dense,
+    Diagonal,
+    Tensorish,
+    bias_if_any,
+    cast_tensor,
+    out_channels,
+)
 from branchfold.rewriter.region import NotFolded, Op, Region, SplitSource, WalkResult, find_regions
 
 aten = torch.ops.aten
@@ -349,11 +357,14 @@ class Emitter:
     def _apply(self, m, src: fx.Node, dtype, device, like: fx.Node) -> fx.Node:
         if isinstance(m, Dense):
             w = self._param(m.weight, dtype, device, "weight")
-            b = self._param(m.bias, dtype, device, "bias") if bool((value(m.bias) != 0).any()) else None
-            return self._call(F.linear, aten.linear.default, (src, w, b))
+            return self._call(F.linear, aten.linear.default, (src, w, self._bias(m, dtype, device)))
         if isinstance(m, Conv):
             return self._conv(m, src, dtype, device)
         return self._diagonal(m, src, dtype, device, like)
+
+    def _bias(self, m: Dense | Conv, dtype, device) -> fx.Node | None:
+        bias = bias_if_any(m)
+        return None if bias is None else self._param(bias, dtype, device, "bias")
 
     def _conv(self, m: Conv, src: fx.Node, dtype, device) -> fx.Node:
         pads = m.symmetric_padding
@@ -366,8 +377,7 @@ class Emitter:
                 src = self.graph.call_function(F.pad, (src, flat), {"mode": mode})
             pads = (0,) * m.nd
         w = self._param(m.weight, dtype, device, "weight")
-        b = self._param(m.bias, dtype, device, "bias") if bool((value(m.bias) != 0).any()) else None
-        args = (src, w, b, list(m.stride), list(pads), list(m.dilation), m.groups)
+        args = (src, w, self._bias(m, dtype, device), list(m.stride), list(pads), list(m.dilation), m.groups)
         fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[m.nd]
         afn = {1: aten.conv1d.default, 2: aten.conv2d.default, 3: aten.conv3d.default}[m.nd]
         return self._call(fn, afn, args)

@@ -18,7 +18,7 @@ import torch
 
 from branchfold.adapters.onnx_reshapes import UnflattenedOp, read_through_reshapes
 from branchfold.patterns.onnx_ops import OnnxContext, mark_shared, recognize
-from branchfold.rewriter.affine import Conv, Dense, Diagonal, Tensorish, rounded, value
+from branchfold.rewriter.affine import Conv, Dense, Diagonal, Tensorish, bias_if_any, rounded, value
 from branchfold.rewriter.region import NotFolded, Op, Region, SplitSource, WalkResult, find_regions
 
 
@@ -204,14 +204,14 @@ class Emitter:
         dtype = like.dtype
         if isinstance(m, Dense):
             w = self._initializer(m.weight, dtype, "weight", transposed=True)  # stored as [in, out] like the exporters
-            has_bias = bool((value(m.bias) != 0).any())
-            if src.shape is not None and len(src.shape) == 2 and has_bias:
-                b = self._initializer(m.bias, dtype, "bias")
+            bias = bias_if_any(m)
+            if src.shape is not None and len(src.shape) == 2 and bias is not None:
+                b = self._initializer(bias, dtype, "bias")
                 return self._node("Gemm", [src, w, b], like)
-            y = self._node("MatMul", [src, w], like, final=not has_bias)
-            if not has_bias:
+            y = self._node("MatMul", [src, w], like, final=bias is None)
+            if bias is None:
                 return y
-            return self._node("Add", [y, self._initializer(m.bias, dtype, "bias")], like)
+            return self._node("Add", [y, self._initializer(bias, dtype, "bias")], like)
         if isinstance(m, Conv):
             return self._conv(m, src, like)
         return self._diagonal(m, src, like)
@@ -225,8 +225,9 @@ class Emitter:
             src = self._node("Pad", [src, pad_amounts], like, [ir.AttrString("mode", mode)], final=False)
             pads = [0] * (2 * m.nd)
         inputs = [src, self._initializer(m.weight, like.dtype, "weight")]
-        if bool((value(m.bias) != 0).any()):
-            inputs.append(self._initializer(m.bias, like.dtype, "bias"))
+        bias = bias_if_any(m)
+        if bias is not None:
+            inputs.append(self._initializer(bias, like.dtype, "bias"))
         attrs = [
             ir.AttrInt64s("kernel_shape", list(m.kernel)),
             ir.AttrInt64s("strides", list(m.stride)),

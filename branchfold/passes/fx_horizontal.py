@@ -34,7 +34,7 @@ from branchfold.patterns.horizontal import (
     Member,
     Policy,
 )
-from branchfold.rewriter.affine import Conv, Dense, value
+from branchfold.rewriter.affine import Conv, Dense, bias_if_any
 from branchfold.rewriter.region import WalkResult
 
 aten = torch.ops.aten
@@ -135,7 +135,7 @@ def _candidates(ctx: FxContext, mutations: Mutations) -> dict[tuple, list[Member
         pos = mutations.order[node]
         if mutations.written_after(node, pos) is not None:
             continue
-        has_bias = bool((value(op.map.bias) != 0).any())
+        has_bias = bias_if_any(op.map) is not None
         found.setdefault((x, *info, mutations.epoch(x, pos)), []).append(Member(node, op.map, has_bias))
     return found
 

@@ -31,7 +31,7 @@ from branchfold.patterns.horizontal import (
     Policy,
 )
 from branchfold.patterns.onnx_ops import OnnxContext, recognize
-from branchfold.rewriter.affine import Conv, Dense, Diagonal, Refusal, compose_maps, value
+from branchfold.rewriter.affine import Conv, Dense, Diagonal, Refusal, bias_if_any, compose_maps
 from branchfold.rewriter.region import WalkResult
 
 
@@ -112,7 +112,7 @@ def _candidates(ctx: OnnxContext, graph: ir.Graph) -> dict[tuple, list[Member]]:
             if after.kind == "affine" and isinstance(after.map, Diagonal) and after.inputs[0] is out:
                 with contextlib.suppress(Refusal):  # a MatMul whose Add does not compose stays alone
                     m, last = compose_maps(after.map, m), user
-        has_bias = bool((value(m.bias) != 0).any())
+        has_bias = bias_if_any(m) is not None
         found.setdefault((x, out.dtype), []).append(Member(_Site(node, last), m, has_bias))
     return found
 

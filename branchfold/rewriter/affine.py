@@ -37,19 +37,17 @@ class Lazy:
     ``terms`` and ``diagonal`` describe the commonest weights exactly, for ``rounded``: the value is the
     sum of one or two stored tensors (``terms``), plus a float64 vector on the diagonal when set."""
 
-    __slots__ = ("shape", "_compute", "source", "terms", "diagonal")
+    __slots__ = ("shape", "_compute", "terms", "diagonal")
 
     def __init__(
         self,
         shape: Sequence[int],
         compute: Callable[[], torch.Tensor],
-        source: torch.Tensor | None = None,
         terms: tuple[torch.Tensor, ...] | None = None,
         diagonal: torch.Tensor | None = None,
     ) -> None:
         self.shape = torch.Size(shape)
         self._compute = compute
-        self.source = source  # the stored tensor itself, for a weight that is its own value (``stored``)
         self.terms = terms
         self.diagonal = diagonal
 
@@ -86,13 +84,14 @@ def stored(t: torch.Tensor) -> Lazy:
         # sums with other weights of the same layout stay sequential too
         return torch.empty_like(source, dtype=F64, device="cpu").copy_(source)
 
-    return Lazy(source.shape, copy, source, terms=(source,))
+    return Lazy(source.shape, copy, terms=(source,))
 
 
 def _operand(t: Tensorish) -> torch.Tensor:
     """``t`` to add into a float64 tensor: a stored weight as it is (torch converts each element exactly
     on the way, in one pass and without a float64 copy of it), anything else as its float64 value."""
-    return t.source if isinstance(t, Lazy) and t.source is not None else value(t)
+    terms = _stored_terms(t)
+    return terms[0] if len(terms) == 1 else value(t)
 
 
 def _fresh(t: Tensorish) -> torch.Tensor:
@@ -444,11 +443,20 @@ def add_maps(a: AffineMap, b: AffineMap) -> AffineMap:
 def negate(m: AffineMap) -> AffineMap:
     if isinstance(m, Diagonal):
         return Diagonal(-m.scale, -m.shift, m.axis)
-    return replace(m, weight=_neg(m.weight), bias=_neg(m.bias))
+    return replace(m, weight=_elementwise(m.weight, torch.neg), bias=_elementwise(m.bias, torch.neg))
 
 
-def _neg(t: Tensorish) -> Tensorish:
-    return lazy(t.shape, lambda: -value(t)) if isinstance(t, Lazy) else -value(t)
+def bias_if_any(m: Dense | Conv) -> torch.Tensor | None:
+    """``m``'s bias as a float64 tensor, or None where it is all zeros (a fold writes no bias then).
+    Computed once here: a lazy bias reads the weights it is composed from."""
+    bias = value(m.bias)
+    return bias if bool((bias != 0).any()) else None
+
+
+def _elementwise(t: Tensorish, fn: Callable[[torch.Tensor], torch.Tensor]) -> Tensorish:
+    """``fn`` of ``t``'s float64 value (a negation, a broadcast with small eager factors): lazy when ``t``
+    is, so a weight is still read only when its region is written."""
+    return lazy(t.shape, lambda: fn(value(t))) if isinstance(t, Lazy) else fn(value(t))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -465,7 +473,8 @@ def compose_maps(outer: AffineMap, inner: AffineMap) -> AffineMap:
     if isinstance(outer, Diagonal):
         scale, shift = _diag_vectors(outer, out_channels(inner))
         view = scale.reshape(-1, *([1] * (inner.weight.dim() - 1)))
-        return replace(inner, weight=_scaled(inner.weight, view), bias=_affine(inner.bias, scale, shift))
+        return replace(inner, weight=_elementwise(inner.weight, lambda w: w * view),
+                       bias=_elementwise(inner.bias, lambda b: b * scale + shift))
     if isinstance(inner, Diagonal):
         return _compose_after_diagonal(outer, inner)
     if isinstance(outer, Dense) and isinstance(inner, Dense):
@@ -480,26 +489,13 @@ def compose_maps(outer: AffineMap, inner: AffineMap) -> AffineMap:
     raise Refusal("geometry", f"cannot chain {type(inner).__name__} into {type(outer).__name__}")
 
 
-def _scaled(t: Tensorish, factor: torch.Tensor) -> Tensorish:
-    """``t * factor`` (a broadcast of a small eager factor), lazy when ``t`` is."""
-    if isinstance(t, Lazy):
-        return lazy(t.shape, lambda: value(t) * factor)
-    return value(t) * factor
-
-
-def _affine(t: Tensorish, scale: torch.Tensor, shift: torch.Tensor) -> Tensorish:
-    if isinstance(t, Lazy):
-        return lazy(t.shape, lambda: value(t) * scale + shift)
-    return value(t) * scale + shift
-
-
 def _compose_after_diagonal(outer: Dense | Conv, inner: Diagonal) -> AffineMap:
     if isinstance(outer, Dense):
         scale, shift = _diag_vectors(inner, outer.in_features)
         bias = outer.bias
         if inner.has_shift:
             bias = lazy(outer.bias.shape, lambda: value(outer.weight) @ shift + value(outer.bias))
-        return Dense(_scaled(outer.weight, scale), bias)
+        return Dense(_elementwise(outer.weight, lambda w: w * scale), bias)
     scale, shift = _diag_vectors(inner, outer.in_channels)
     g, in_per_g = outer.groups, outer.weight.shape[1]
     out_per_g = outer.out_channels // g
@@ -539,7 +535,7 @@ def _compose_convs(outer: Conv, inner: Conv) -> Conv:
         # 1x1 then KxK: the 1x1 commutes with any padding mode; its bias only with no zero padding.
         # A grouped KxK (average pooling is depthwise) is widened to one group; the region's cost
         # check decides whether that pays.
-        if bool((value(inner.bias) != 0).any()) and outer.padding_mode == "zeros" and outer.has_padding:
+        if bias_if_any(inner) is not None and outer.padding_mode == "zeros" and outer.has_padding:
             raise Refusal("padding-border", "a 1x1 conv's bias before a zero-padded conv")
         outer = _regroup(outer, 1)
         o = outer

@@ -14,7 +14,16 @@ import torch
 from torch import nn
 
 from branchfold.patterns import canonical
-from branchfold.rewriter.affine import F64, AffineMap, Conv, Dense, Diagonal, add_maps, cast_tensor, value
+from branchfold.rewriter.affine import (
+    F64,
+    AffineMap,
+    Conv,
+    Dense,
+    Diagonal,
+    add_maps,
+    bias_if_any,
+    cast_tensor,
+)
 
 from .modules import CONV_TYPES
 
@@ -55,7 +64,7 @@ def layer_from_map(like: nn.Module, fused: Dense | Conv) -> nn.Module:
     new.weight = _parameter(fused.weight, like.weight)
     if like.bias is not None:
         new.bias = _parameter(fused.bias, like.bias)
-    elif bool((value(fused.bias) != 0).any()):
+    elif bias_if_any(fused) is not None:
         raise ValueError("fused map has a bias but the branch it replaces has none")
     return new
 
