@@ -1,9 +1,7 @@
 """The ONNX passes, as ``onnx_ir.passes`` classes so they compose in a PassManager (e.g. with onnxscript's
 optimizer before or after them).
 
-    import numpy as np
-import numpy as np
-import onnx_ir as ir
+    import onnx_ir as ir
     from branchfold.passes.onnx import fold_passes
     model = ir.load("model.onnx")
     fold_passes()(model)
