@@ -179,7 +179,7 @@ def stand_in_file(model: ir.Model) -> StandInFile | None:
         if os.path.abspath(t.base_dir) == folder:
             with contextlib.suppress(OSError):
                 sizes[str(t.location)] = os.path.getsize(os.path.join(folder, str(t.location)))
-    if folder is None or not sizes:
+    if not sizes:
         return None
     location, size = max(sizes.items(), key=lambda item: item[1])
     return StandInFile(folder, location, size)

@@ -17,13 +17,14 @@ either), a user model or file changed by the fold, a block known to fold that do
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import logging
 import math
 import random
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -215,6 +216,20 @@ class _BackendFailures(logging.Handler):
             self.messages.append(record.getMessage())
 
 
+@contextlib.contextmanager
+def _backend_failures(path: str) -> Iterator[_BackendFailures]:
+    """The backend's "folding failed" warnings while a fold by ``path`` runs; dynamo's caches reset after."""
+    handler = _BackendFailures()
+    log = logging.getLogger("branchfold.passes.backend")
+    log.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        log.removeHandler(handler)
+        if path.startswith("dynamo"):
+            torch._dynamo.reset()
+
+
 def _fold_fx(model: nn.Module, x: torch.Tensor, case: Case) -> tuple[Callable, Callable | None, list[str]]:
     """(folded runner, op counter or None, notes); raises what folding raises."""
     if case.path in ("symbolic_trace", "export"):
@@ -248,22 +263,17 @@ def run_fx(spec: Spec, case: Case) -> Outcome:
     model = build(spec)
     xs = [example(spec, b, spec["seed"] + i) for i, b in enumerate(spec["batches"])]
     before = _state(model)
-    handler = _BackendFailures()
-    log = logging.getLogger("branchfold.passes.backend")
-    log.addHandler(handler)
-    try:
-        folded, counter, notes = _fold_fx(model, xs[0], case)
-        if case.path == "dynamo-backend":
-            outs = [_seeded(folded, x) for x in xs]
-    except BranchfoldError as e:
-        if case.path in ("symbolic_trace", "export") and not _capturable(model, xs[0], case.path):
-            return Outcome("skipped", f"not capturable: {e}")
-        return Outcome("exception", f"{type(e).__name__}: {e}")
-    except Exception as e:
-        return Outcome("exception", f"{type(e).__name__}: {e}")
-    finally:
-        log.removeHandler(handler)
-        torch._dynamo.reset() if case.path.startswith("dynamo") else None
+    with _backend_failures(case.path) as handler:
+        try:
+            folded, counter, notes = _fold_fx(model, xs[0], case)
+            if case.path == "dynamo-backend":
+                outs = [_seeded(folded, x) for x in xs]
+        except BranchfoldError as e:
+            if case.path in ("symbolic_trace", "export") and not _capturable(model, xs[0], case.path):
+                return Outcome("skipped", f"not capturable: {e}")
+            return Outcome("exception", f"{type(e).__name__}: {e}")
+        except Exception as e:
+            return Outcome("exception", f"{type(e).__name__}: {e}")
     if handler.messages:
         return Outcome("exception", handler.messages[0])
     if not case.path.startswith("dynamo") and not _same_state(model, before):  # dynamo runs the model itself
@@ -297,17 +307,12 @@ def _folds_exactly_in_float64(model: nn.Module, x: torch.Tensor, case: Case) -> 
 
     def check() -> bool:
         model64, x64 = copy.deepcopy(model).double(), x.double()
-        handler = _BackendFailures()
-        log = logging.getLogger("branchfold.passes.backend")
-        log.addHandler(handler)
-        try:
-            folded, _, _ = _fold_fx(model64, x64, Case(case.path, verify=False, count_ops=False))
-            err = verify.relative_error(_seeded(copy.deepcopy(model64), x64), _seeded(folded, x64))
-        except Exception:
-            return False
-        finally:
-            log.removeHandler(handler)
-            torch._dynamo.reset() if case.path.startswith("dynamo") else None
+        with _backend_failures(case.path) as handler:
+            try:
+                folded, _, _ = _fold_fx(model64, x64, Case(case.path, verify=False, count_ops=False))
+                err = verify.relative_error(_seeded(copy.deepcopy(model64), x64), _seeded(folded, x64))
+            except Exception:
+                return False
         return not handler.messages and err <= verify.tolerance_for(torch.float64)
 
     return check
