@@ -24,10 +24,10 @@ from branchfold.rewriter.affine import (
     Diagonal,
     Tensorish,
     bias_if_any,
-    cast_tensor,
     out_channels,
 )
 from branchfold.rewriter.region import NotFolded, Op, Region, SplitSource, WalkResult, find_regions
+from branchfold.rewriter.rounding import cast_tensor
 
 aten = torch.ops.aten
 

@@ -17,9 +17,12 @@ import onnx_ir as ir
 import torch
 
 from branchfold.adapters.onnx_reshapes import UnflattenedOp, read_through_reshapes
+from branchfold.onnx_folded import FoldedTensor
+from branchfold.onnx_wire import MIN_EXTERNAL_BYTES
 from branchfold.patterns.onnx_ops import OnnxContext, mark_shared, recognize
-from branchfold.rewriter.affine import Conv, Dense, Diagonal, Tensorish, bias_if_any, rounded, value
+from branchfold.rewriter.affine import Conv, Dense, Diagonal, Tensorish, bias_if_any, value
 from branchfold.rewriter.region import NotFolded, Op, Region, SplitSource, WalkResult, find_regions
+from branchfold.rewriter.rounding import rounded, rounded_rows
 
 
 @dataclass
@@ -77,7 +80,7 @@ def fold_graph(graph: ir.Graph, select: Callable[[Region], bool] | None = None) 
         walk.regions = [r for r in walk.regions if select(r)]
     names = [r.value.name for r in walk.regions]
     if walk.regions:
-        Emitter(graph, walk, after_region=ctx.release_pages).emit()
+        Emitter(graph, walk, after_region=ctx.release_pages, pages_read=ctx.page_release).emit()
     return OnnxFoldResult(walk.regions, walk.not_folded, walk, names)
 
 
@@ -96,13 +99,24 @@ def existing_names(graph: ir.Graph) -> set[str]:
     return names
 
 
+def _nothing() -> None:
+    return None
+
+
 _TORCH_FLOATS = {ir.DataType.FLOAT: torch.float32, ir.DataType.FLOAT16: torch.float16, ir.DataType.DOUBLE: torch.float64}
 
 
 class Emitter:
-    def __init__(self, graph: ir.Graph, walk: WalkResult, after_region: Callable[[], None] = lambda: None) -> None:
+    def __init__(
+        self,
+        graph: ir.Graph,
+        walk: WalkResult,
+        after_region: Callable[[], None] = _nothing,
+        pages_read: Callable[[], Callable[[], None]] = lambda: _nothing,
+    ) -> None:
         self.graph, self.walk = graph, walk
         self.after_region = after_region  # called once a region is written (drop the weight pages it read)
+        self.pages_read = pages_read  # what drops the pages read so far, to call once a FoldedTensor is written
         self.names = existing_names(graph)
         self.counter = 0
         self.replaced: dict[ir.Value, ir.Value] = {}
@@ -174,19 +188,26 @@ class Emitter:
     # -- writing ops ------------------------------------------------------------------------------
 
     def _initializer(self, t: Tensorish, dtype: ir.DataType | None, hint: str, transposed: bool = False) -> ir.Value:
-        """``t`` (its transpose, with ``transposed``) as a new initializer of ``dtype``."""
+        """``t`` (its transpose, with ``transposed``) as a new initializer of ``dtype``. A big weight that is
+        one or two stored weights summed is a ``FoldedTensor``: computed as the model is written."""
         dtype = dtype or ir.DataType.FLOAT
+        torch_dtype = _TORCH_FLOATS.get(dtype)
+        rows = rounded_rows(t, torch_dtype, transposed) if torch_dtype else None
+        if rows is not None and rows.nbytes >= MIN_EXTERNAL_BYTES:
+            return self._register(FoldedTensor(rows, dtype, release=self.pages_read()), hint)
         if dtype.is_floating_point():
-            torch_dtype = _TORCH_FLOATS.get(dtype)
             w = rounded(t, torch_dtype, transposed).detach().cpu() if torch_dtype else value(t).detach().cpu()
             w = w.t() if transposed else w
             # one strided pass lays out a transposed weight (or casts it, for a dtype torch lacks)
             arr = w.contiguous().numpy() if torch_dtype else np.ascontiguousarray(w.numpy().astype(dtype.numpy()))
         else:
             arr = np.ascontiguousarray(t.numpy())
-        tensor = ir.tensor(arr, dtype=dtype if dtype.is_floating_point() else None)
+        return self._register(ir.tensor(arr, dtype=dtype if dtype.is_floating_point() else None), hint)
+
+    def _register(self, tensor: ir.TensorProtocol, hint: str) -> ir.Value:
         name = self.fresh(hint)
-        v = ir.Value(name=name, shape=ir.Shape(arr.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
+        tensor.name = name
+        v = ir.Value(name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
         self.graph.register_initializer(v)
         return v
 

@@ -67,7 +67,7 @@ def _reshape_node(v: ir.Value | None) -> ir.Node | None:
 def _through_reshapes(ctx: OnnxContext, op: Op, taken: set[ir.Node]) -> Op:
     (flat_v,) = op.inputs
     first, mapped = _reshape_node(flat_v), op.output
-    if first is None or ctx.const(first.inputs[0]) is not None or mapped.is_graph_output():
+    if first is None or ctx.is_const(first.inputs[0]) or mapped.is_graph_output():
         return op
     uses = list(mapped.uses())
     if len(uses) != 1 or uses[0].node.op_type != "Reshape" or uses[0].idx != 0:

@@ -9,14 +9,14 @@ optimizer before or after them).
 
 from __future__ import annotations
 
-import hashlib
+from collections import Counter
 from collections.abc import Callable
 
-import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
 from branchfold.adapters.onnx import OnnxFoldResult, fold_graph
+from branchfold.onnx_folded import fingerprint, same_bytes
 from branchfold.rewriter.region import Region
 
 
@@ -53,17 +53,18 @@ class FoldBranchesPass(ir.passes.InPlacePass):
 
 def store_equal_once(graph: ir.Graph, values: list[ir.Value]) -> None:
     """Point every reader of an initializer among ``values`` that equals an earlier one (dtype, shape and
-    every byte) at the earlier one, and drop it. Candidates are matched on a sample of their bytes first,
-    so distinct weights are never read whole."""
+    every byte) at the earlier one, and drop it. Candidates are matched on a sample of their elements
+    first, so distinct weights are never read whole, and a folded weight is never computed whole."""
+    candidates = [v for v in values if v.const_value is not None and not v.is_graph_output()]
+    kinds = Counter((v.const_value.dtype, tuple(v.const_value.shape.numpy())) for v in candidates)
     seen: dict[tuple, list[ir.Value]] = {}
-    for v in values:
+    for v in candidates:
         t = v.const_value
-        if t is None or v.is_graph_output():
-            continue
-        data = np.asarray(t.numpy()).reshape(-1).view(np.uint8)
-        step = max(1, data.size // 4096)
-        key = (t.dtype, tuple(t.shape.numpy()), hashlib.sha256(data[::step].tobytes()).digest())
-        same = next((u for u in seen.get(key, ()) if np.array_equal(np.asarray(u.const_value.numpy()).reshape(-1).view(np.uint8), data)), None)
+        kind = (t.dtype, tuple(t.shape.numpy()))
+        if kinds[kind] < 2:
+            continue  # nothing else of its dtype and shape: not read at all
+        key = (*kind, fingerprint(t))
+        same = next((u for u in seen.get(key, ()) if same_bytes(u.const_value, t)), None)
         if same is None:
             seen.setdefault(key, []).append(v)
             continue

@@ -97,12 +97,15 @@ def _opset(model: ir.Model) -> int:
 def _candidates(ctx: OnnxContext, graph: ir.Graph) -> dict[tuple, list[Member]]:
     """Members by the (value, dtype) they read, in graph order; a MatMul takes its bias Add along."""
     found: dict[tuple, list[Member]] = {}
+    shared = _shared_reads(graph)
     for node in graph:
+        if not shared.intersection(_reads(node)):
+            continue  # no sibling: its weight is not read (a folded one would be computed whole)
         op = recognize(ctx, node)
         if op.kind != "affine" or op.split or not isinstance(op.map, (Dense, Conv)):
             continue
         (x,) = op.inputs
-        if ctx.const(x) is not None:
+        if ctx.is_const(x):
             continue
         m, last = op.map, node
         out = node.outputs[0]
@@ -115,6 +118,30 @@ def _candidates(ctx: OnnxContext, graph: ir.Graph) -> dict[tuple, list[Member]]:
         has_bias = bias_if_any(m) is not None
         found.setdefault((x, out.dtype), []).append(Member(_Site(node, last), m, has_bias))
     return found
+
+
+_LINEAR_OPS = ("MatMul", "Gemm", "Conv")
+
+
+def _reads(node: ir.Node) -> tuple[ir.Value, ...]:
+    """The values a MatMul/Gemm/Conv may be recognized as reading: its first input, and for a Conv, the
+    input of a Pad in front of it (which the recognizer folds into the Conv's own padding)."""
+    if node.op_type not in _LINEAR_OPS or node.domain not in ("", "ai.onnx") or not node.inputs or node.inputs[0] is None:
+        return ()
+    x = node.inputs[0]
+    pad = x.producer()
+    if node.op_type == "Conv" and pad is not None and pad.op_type == "Pad" and pad.inputs and pad.inputs[0] is not None:
+        return (x, pad.inputs[0])
+    return (x,)
+
+
+def _shared_reads(graph: ir.Graph) -> set[ir.Value]:
+    """Values that two or more MatMul/Gemm/Conv nodes may read: the only places a group can form."""
+    count: dict[ir.Value, int] = {}
+    for node in graph:
+        for v in _reads(node):
+            count[v] = count.get(v, 0) + 1
+    return {v for v, n in count.items() if n >= 2}
 
 
 _GRAPH_OUTPUT = "graph output"  # a consumer that is not a sum

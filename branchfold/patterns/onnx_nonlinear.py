@@ -231,7 +231,7 @@ def _candidate_inputs(ctx: OnnxContext, anchor: ir.Node) -> list[ir.Value]:
     for _ in range(_BACK_STEPS):
         nxt: list[ir.Value] = []
         for v in frontier:
-            if v in found or ctx.const(v) is not None:
+            if v in found or ctx.is_const(v):
                 continue
             found[v] = None
             p = v.producer()
@@ -382,7 +382,7 @@ def _is_scale(ctx: OnnxContext, node: ir.Node | None) -> ir.Value | None:
     for data, factor in ((node.inputs[0], node.inputs[1]), (node.inputs[1], node.inputs[0])):
         if node.op_type == "Div" and data is not node.inputs[0]:
             continue
-        if ctx.const(data) is not None:
+        if ctx.is_const(data):
             continue
         dims = ctx.dims(factor)
         if _scalar(ctx, factor) is not None or (dims is not None and all(d == 1 for d in dims)):
@@ -399,7 +399,7 @@ def _attention_scale(ctx: OnnxContext, softmax: ir.Node) -> Nonlinearity | None:
     matmul = None
     for _ in range(6):
         node = v.producer()
-        if _is(node, "MatMul") and all(ctx.const(i) is None for i in node.inputs):
+        if _is(node, "MatMul") and all(not ctx.is_const(i) for i in node.inputs):
             matmul = node
             break
         scaled = _is_scale(ctx, node)
@@ -407,7 +407,7 @@ def _attention_scale(ctx: OnnxContext, softmax: ir.Node) -> Nonlinearity | None:
             nodes.append(node)
             v = scaled
         elif _is(node, "Add", "Where", "Cast"):
-            data = [i for i in node.inputs[1 if node.op_type == "Where" else 0 :] if ctx.const(i) is None]
+            data = [i for i in node.inputs[1 if node.op_type == "Where" else 0 :] if not ctx.is_const(i)]
             if len(data) == 1 and node.op_type == "Add":
                 nodes.append(node)  # a constant mask
             if not data:
@@ -432,7 +432,7 @@ def _reaches_matmul(ctx: OnnxContext, v: ir.Value, steps: int = 4) -> bool:
             return True
         if node is None or not node.inputs:
             return False
-        v = next((i for i in node.inputs if i is not None and ctx.const(i) is None), None)
+        v = next((i for i in node.inputs if i is not None and not ctx.is_const(i)), None)
         if v is None:
             return False
     return False

@@ -15,6 +15,7 @@ value a constant, and which stored tensors does it come from" and "what is this 
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
+from branchfold.onnx_folded import FoldedTensor
 from branchfold.onnx_weights import drop_pages
 from branchfold.patterns import canonical
 from branchfold.patterns.onnx_nonlinear import Nonlinearity, protected_nodes
@@ -48,6 +50,14 @@ def _to_numpy(t: ir.TensorProtocol) -> np.ndarray:
     if t.dtype == ir.DataType.BFLOAT16:
         return arr.astype(np.float32)
     return arr
+
+
+def _folded(v: ir.Value | None) -> FoldedTensor | None:
+    """The weight a fold wrote that initializer ``v`` holds (a constant, as any initializer not listed
+    among the graph inputs), if it holds one."""
+    if v is None or not v.is_initializer() or v.is_graph_input():
+        return None
+    return v.const_value if isinstance(v.const_value, FoldedTensor) else None
 
 
 def _cast(node: ir.Node, args: list[np.ndarray]) -> np.ndarray | None:
@@ -128,6 +138,11 @@ class OnnxContext:
         read again from the page cache if needed), so that a fold holds one region's weights at a time."""
         drop_pages(self._mapped)
 
+    def page_release(self) -> Callable[[], None]:
+        """``release_pages`` for later, of the weights mapped so far (once a weight computed from them is
+        written: a ``FoldedTensor`` reads them again then)."""
+        return functools.partial(drop_pages, tuple(self._mapped))
+
     def nonlinearity(self, node: ir.Node) -> Nonlinearity | None:
         """The decomposed nonlinearity (GELU, LayerNorm, ...) ``node`` belongs to, found once per graph."""
         if self._protected is None:
@@ -150,6 +165,13 @@ class OnnxContext:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "the given NumPy array is not writable"
             return torch.from_numpy(c)  # a transposed view stays a view: no copy of the weight
+
+    def is_const(self, v: ir.Value | None) -> bool:
+        """Whether ``const(v)`` is a constant, found without computing a weight a fold wrote (a
+        ``FoldedTensor`` is computed only where a recognizer reads it as a weight)."""
+        if _folded(v) is not None and v not in self._cache:
+            return True
+        return self.const(v) is not None
 
     def stored(self, v: ir.Value | None) -> frozenset[str]:
         """Names of the initializers a constant value is computed from (for the shared-weight check)."""
@@ -192,6 +214,9 @@ class OnnxContext:
         """The value's shape: ints, symbolic names, or None per unknown dim; None if rank is unknown."""
         if v is None:
             return None
+        folded = _folded(v)
+        if folded is not None:
+            return tuple(folded.shape.numpy())
         c = self.const(v)
         if c is not None:
             return tuple(c.shape)
@@ -236,7 +261,7 @@ def _input(node: ir.Node, i: int) -> ir.Value | None:
 def _matmul(ctx, node):
     x, w = node.inputs[0], node.inputs[1]
     cw = ctx.const_tensor(w)
-    if cw is None or ctx.const(x) is not None:
+    if cw is None or ctx.is_const(x):
         return None
     if cw.dim() != 2:
         raise Refusal("shape", f"MatMul with a constant of rank {cw.dim()}")
@@ -319,11 +344,11 @@ def _foldable_pad(ctx: OnnxContext, node: ir.Node, nd: int) -> tuple[list[tuple[
     if mode is None or pads is None or rank != nd + 2:
         return None
     value = _input(node, 2)
-    if value is not None and (ctx.const(value) is None or np.any(ctx.const(value) != 0)):
+    if value is not None and (not ctx.is_const(value) or np.any(ctx.const(value) != 0)):
         return None
     axes_v = _input(node, 3)
     axes = [int(a) % rank for a in ctx.const(axes_v)] if axes_v is not None else list(range(rank))
-    if axes_v is not None and ctx.const(axes_v) is None:
+    if axes_v is not None and not ctx.is_const(axes_v):
         return None
     per_axis = {ax: (int(pads[i]), int(pads[i + len(axes)])) for i, ax in enumerate(axes)}
     if any(per_axis.get(a, (0, 0)) != (0, 0) for a in (0, 1)):
@@ -402,9 +427,9 @@ def recognize(ctx: OnnxContext, node: ir.Node) -> Op:
     opaque = Op(node, "opaque", inputs, out, label=node.op_type)
     if node.domain not in ONNX_DOMAINS or not node.outputs or not is_float(out):
         return opaque
-    if not all(is_float(v) for v in inputs if ctx.const(v) is None):
+    if not all(is_float(v) for v in inputs if not ctx.is_const(v)):
         return opaque  # integer arithmetic (shape computations) is not ours to fold
-    if ctx.const(out) is not None:
+    if ctx.is_const(out):
         return opaque  # a constant computed from constants: nothing to fold
     try:
         op = _recognize(ctx, node, out)
@@ -515,7 +540,7 @@ def mark_shared(ctx: OnnxContext, ops: list[Op]) -> None:
     readers: dict[str, int] = {}
     for op in ops:
         node: ir.Node = op.key
-        if op.output is not None and ctx.const(op.output) is not None:
+        if op.output is not None and ctx.is_const(op.output):
             continue  # part of a constant's own computation (Transpose of a weight), not a reader
         # Only weights (rank >= 2) count: exporters store equal small constants (zero biases, unit
         # LayerNorm scales of a fresh model) once, and un-sharing a vector costs nothing worth a refusal.

@@ -103,39 +103,6 @@ def lazy(shape: Sequence[int], compute: Callable[[], torch.Tensor]) -> Lazy:
     return Lazy(shape, compute)
 
 
-def rounded(t: Tensorish, dtype: torch.dtype, transposed: bool = False) -> torch.Tensor:
-    """``t``'s value rounded once to ``dtype``: a new tensor, in the stored layout where it has one, or with
-    ``transposed`` (a matrix about to be written as its transpose) laid out so that ``.t()`` is contiguous.
-
-    Computed in float64 and cast back, except where ``dtype`` itself gives the same bits faster: a weight
-    that is one stored tensor, or the sum of two stored in ``dtype`` (the parallel sum of two linears),
-    off its diagonal. Rounding an exact sum twice, to float64 and then to a format of p <= 24 bits, gives
-    the correctly rounded result (double rounding is innocuous when 53 >= 2p + 2: Figueroa, 1995), which
-    is what one IEEE addition in ``dtype`` gives; a diagonal that also takes the identity's scale is a
-    sum of three, computed in float64 as before. For two 4096x4096 float32 weights this reads 128 MB
-    and writes 64 MB, against about 900 MB through float64. ``tests/rewriter/test_affine.py`` checks the
-    bits on random and extreme values."""
-    if isinstance(t, Lazy) and t.terms and len(t.terms) <= 2 and all(s.dtype == dtype and s.device.type == "cpu" for s in t.terms):
-        if transposed and len(t.shape) == 2:
-            w = torch.empty(t.shape[::-1], dtype=dtype).t()
-        else:
-            w = torch.empty_like(t.terms[0])  # the first term's memory order: a sequential pass
-        if len(t.terms) == 1:
-            w.copy_(t.terms[0])
-        else:
-            torch.add(*t.terms, out=w)
-        if t.diagonal is not None:
-            exact = t.terms[0].diagonal().to(F64)
-            for term in t.terms[1:]:
-                exact = exact + term.diagonal()
-            w.diagonal().copy_(exact + t.diagonal)
-        return w
-    exact = value(t)
-    if transposed and exact.dim() == 2:  # cast and lay out in one strided pass
-        return torch.empty(exact.shape[::-1], dtype=dtype, device=exact.device).t().copy_(exact)
-    return exact.to(dtype, copy=True)  # a copy even where the value is a float64 tensor of the caller's
-
-
 class Refusal(Exception):
     """A fold that would not be exact (or would not pay off), with a category for the report."""
 
@@ -549,22 +516,3 @@ def _compose_convs(outer: Conv, inner: Conv) -> Conv:
         bias = lazy(outer.bias.shape, lambda: value(outer.weight).flatten(1) @ value(inner.bias) + value(outer.bias))
         return replace(inner, weight=w, bias=bias)
     raise Refusal("geometry", "only 1x1 convs (stride 1, no padding, no groups) chain into other convs")
-
-
-def cast_tensor(t: Tensorish, dtype: torch.dtype) -> torch.Tensor:
-    """A map's tensor in the model's dtype, always a fresh tensor (never an alias of a stored weight), with
-    the strides of a new contiguous tensor. ``contiguous()`` is not enough: it keeps any stride of a size-1
-    dim (a composed 1x1 conv's weight came out ``[2, 4, 1]`` with strides ``(4, 1, 4)``), and torch picks a
-    conv's output layout from its weight's strides, so the folded conv wrote channels-last where the
-    original wrote contiguous (a training-mode Dropout after it then drew a different mask from the same
-    seed: fuzz model 5704 of FUZZ_SEED=20261130)."""
-    w = rounded(t, dtype).detach()
-    return w if w.stride() == _contiguous_strides(w.shape) else w.clone(memory_format=torch.contiguous_format)
-
-
-def _contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
-    strides, step = [], 1
-    for n in reversed(shape):
-        strides.append(step)
-        step *= max(n, 1)
-    return tuple(reversed(strides))

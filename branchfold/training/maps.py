@@ -22,8 +22,8 @@ from branchfold.rewriter.affine import (
     Diagonal,
     add_maps,
     bias_if_any,
-    cast_tensor,
 )
+from branchfold.rewriter.rounding import cast_tensor
 
 from .modules import CONV_TYPES
 

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 import branchfold
-from branchfold.rewriter.affine import cast_tensor, stored
+from branchfold.rewriter.affine import stored
+from branchfold.rewriter.rounding import cast_tensor
 
 
 class ChainThenDropout(nn.Module):

@@ -1,0 +1,129 @@
+"""Folded ONNX weights that are computed as they are written, never held whole in memory.
+
+The commonest folded weight is the sum of two stored ones (two parallel linears, a branch beside an
+identity). An ONNX fold writes it as a ``FoldedTensor``: an ``onnx_ir`` tensor that keeps the two stored
+weights it sums (views of the memory-mapped input, or of the caller's tensors) and computes the sum a
+block of rows at a time into the file being written (``tofile``). A fold of a 2 GB model then allocates
+no memory for its new weights, and its speed is that of reading the input and writing the output: a
+fresh gigabyte of anonymous memory costs seconds on some machines, more than the sums themselves.
+Whatever asks for the values (``numpy()``: a check session, a caller's own code) gets them computed in
+full each time; nothing is cached, so a model returned to a caller costs no memory until it is read.
+
+``fingerprint`` and ``same_bytes`` compare weights without computing a folded one whole (the pass that
+stores equal folded weights once).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import math
+import sys
+from collections.abc import Callable
+
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from branchfold.rewriter.rounding import BLOCK_BYTES, RoundedRows
+
+PATCHES, PATCH = 8, 8  # a fingerprint reads 8 blocks of 8 x 8 elements (8 runs of 64 beyond 2-D)
+
+
+def _computed(rows: RoundedRows, dtype: ir.DataType) -> ir.Tensor:
+    return ir.Tensor(rows.full().numpy(), dtype=dtype)
+
+
+def _nothing() -> None:
+    return None
+
+
+class FoldedTensor(ir.LazyTensor):
+    """A weight a fold wrote, as ``RoundedRows`` (one or two stored weights and a diagonal), computed
+    when it is read and a block at a time (``block_bytes``) when it is written to a file.
+
+    ``release`` is called whenever the stored weights were read (written to a file, fingerprinted,
+    compared): the ONNX fold passes a function that drops from this process the pages of the memory-mapped
+    weights (they stay in the page cache). Without it a process would keep every page it read, and where
+    the page cache hands out large folios, reading a few elements maps megabytes."""
+
+    def __init__(self, rows: RoundedRows, dtype: ir.DataType, name: str | None = None,
+                 release: Callable[[], None] = _nothing) -> None:  # fmt: skip
+        # the thunk holds the rows, not the tensor: no reference cycle keeps the weights alive
+        super().__init__(functools.partial(_computed, rows, dtype), dtype, ir.Shape(rows.shape), name=name)
+        self.rows = rows
+        self.release = release
+        self.block_bytes = BLOCK_BYTES
+
+    def tofile(self, file) -> None:
+        """Write the bytes, little-endian as ONNX stores them, one block of rows at a time."""
+        for block in self.rows.blocks(self.block_bytes):
+            array = block.numpy()
+            if sys.byteorder != "little":
+                array = array.astype(array.dtype.newbyteorder("<"))
+            file.write(memoryview(array).cast("B"))
+        self.release()
+
+
+def _positions(shape: tuple[int, ...]) -> np.ndarray:
+    """Row-major positions of the fingerprint's elements, in small blocks spread over the tensor, so that a
+    memory-mapped weight has a few pages read and not all (the kernel maps the pages around each page a
+    read touches). A matrix is sampled in square blocks: a weight written as the transpose of the one
+    stored (an ONNX MatMul's) then touches as few pages as one stored as written."""
+    size = math.prod(shape)
+    if size == 0:
+        return np.zeros(0, np.int64)
+    if len(shape) == 2:
+        rows, cols = shape
+        r = np.linspace(0, max(rows - PATCH, 0), PATCHES).astype(np.int64)
+        c = np.linspace(0, max(cols - PATCH, 0), PATCHES).astype(np.int64)
+        step = np.arange(PATCH)
+        rr = np.minimum(r[:, None, None] + step[None, :, None], rows - 1)
+        cc = np.minimum(c[:, None, None] + step[None, None, :], cols - 1)
+        return np.unique(rr * cols + cc)
+    starts = np.linspace(0, max(size - PATCH * PATCH, 0), PATCHES).astype(np.int64)
+    return np.unique(np.minimum(starts[:, None] + np.arange(PATCH * PATCH), size - 1))
+
+
+def fingerprint(t: ir.TensorProtocol) -> bytes:
+    """A digest of a few thousand elements of ``t`` spread over it: equal tensors have equal fingerprints, and
+    a ``FoldedTensor`` gets the one of its computed bytes without being computed whole."""
+    positions = _positions(tuple(t.shape.numpy()))
+    if isinstance(t, FoldedTensor):
+        sample = t.rows.elements(torch.from_numpy(positions)).numpy()
+        t.release()
+    else:
+        sample = np.asarray(t.numpy()).reshape(-1)[positions]
+    return hashlib.sha256(np.ascontiguousarray(sample).view(np.uint8).tobytes()).digest()
+
+
+def _row_blocks(t: ir.TensorProtocol, step: int):
+    if isinstance(t, FoldedTensor):
+        for start in range(0, t.rows.shape[0], step):
+            yield t.rows.rows(start, start + step).numpy()
+        return
+    array = np.asarray(t.numpy())
+    if array.ndim == 0:
+        yield array.reshape(1)
+        return
+    for start in range(0, len(array), step):
+        yield array[start : start + step]
+
+
+def same_bytes(a: ir.TensorProtocol, b: ir.TensorProtocol) -> bool:
+    """Whether ``a`` and ``b`` have the same dtype, shape and bytes, compared a block of rows at a time (a
+    ``FoldedTensor`` is never computed whole)."""
+    if a.dtype != b.dtype or tuple(a.shape.numpy()) != tuple(b.shape.numpy()):
+        return False
+    dims = tuple(a.shape.numpy())
+    row = int(np.prod(dims[1:])) * a.dtype.itemsize if dims else 1
+    step = max(1, (1 << 20) // max(int(row), 1))
+    try:
+        return all(
+            np.array_equal(np.ascontiguousarray(x).view(np.uint8), np.ascontiguousarray(y).view(np.uint8))
+            for x, y in zip(_row_blocks(a, step), _row_blocks(b, step))
+        )
+    finally:
+        for t in (a, b):
+            if isinstance(t, FoldedTensor):
+                t.release()
