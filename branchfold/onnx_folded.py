@@ -117,7 +117,7 @@ def same_bytes(a: ir.TensorProtocol, b: ir.TensorProtocol) -> bool:
         return False
     dims = tuple(a.shape.numpy())
     row = int(np.prod(dims[1:])) * a.dtype.itemsize if dims else 1
-    step = max(1, (1 << 20) // max(int(row), 1))
+    step = max(1, BLOCK_BYTES // max(int(row), 1))
     try:
         return all(
             np.array_equal(np.ascontiguousarray(x).view(np.uint8), np.ascontiguousarray(y).view(np.uint8))

@@ -24,7 +24,7 @@ import torch
 
 from branchfold.rewriter.affine import F64, Lazy, Tensorish, value
 
-BLOCK_BYTES = 1 << 20  # a block of rows written at a time: stays in cache between the add and the write
+BLOCK_BYTES = 4 << 20  # rows computed and written at a time (measured: 1-16 MiB within 10% on 64 MB weights)
 
 
 @dataclass(frozen=True)
@@ -53,10 +53,17 @@ class RoundedRows:
         count = max(0, min(stop, self.shape[0]) - start)
         block = torch.empty((count, *self.shape[1:]), dtype=self.dtype) if out is None else out[:count]
         parts = [t[start : start + count] for t in self.terms]
-        if len(parts) == 1:
-            block.copy_(parts[0])
+        straight = [p for p in parts if not _transposed(p)]
+        flipped = [p.t() for p in parts if _transposed(p)]  # as stored: rows of consecutive elements
+        if flipped:  # summed as stored, then one blocked transpose (torch's copy_ of a transposed matrix)
+            staged = flipped[0].contiguous() if len(flipped) == 1 else torch.add(*flipped)
+            block.copy_(staged.t())
+            if straight:
+                block.add_(straight[0])  # one IEEE addition, whichever operand comes first
+        elif len(straight) == 1:
+            block.copy_(straight[0])
         else:
-            torch.add(parts[0], parts[1], out=block)
+            torch.add(*straight, out=block)
         if self.diagonal is not None:
             on = torch.arange(start, max(start, min(start + count, self.shape[1])))
             if len(on):
@@ -95,6 +102,12 @@ class RoundedRows:
             on = index[0] == index[1]
             got[on] = self._exact_diagonal(index[0][on])
         return got
+
+
+def _transposed(part: torch.Tensor) -> bool:
+    """A matrix stored as its transpose (an ONNX MatMul weight written as a Gemm's, or the reverse): read
+    row by row it would jump a whole stored row per element."""
+    return part.dim() == 2 and not part.is_contiguous() and part.stride(0) == 1 and part.shape[0] > 1
 
 
 def rounded_rows(t: Tensorish, dtype: torch.dtype, transposed: bool = False) -> RoundedRows | None:
