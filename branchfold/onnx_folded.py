@@ -20,6 +20,7 @@ import hashlib
 import math
 import sys
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import onnx_ir as ir
@@ -55,13 +56,27 @@ class FoldedTensor(ir.LazyTensor):
         self.release = release
         self.block_bytes = BLOCK_BYTES
 
+    def _evaluate(self) -> ir.TensorProtocol:
+        """The whole weight, computed now (``numpy()``, ``tobytes()``: a check session's input)."""
+        try:
+            return super()._evaluate()
+        finally:
+            self.release()
+
     def tofile(self, file) -> None:
-        """Write the bytes, little-endian as ONNX stores them, one block of rows at a time."""
-        for block in self.rows.blocks(self.block_bytes):
-            array = block.numpy()
-            if sys.byteorder != "little":
-                array = array.astype(array.dtype.newbyteorder("<"))
-            file.write(memoryview(array).cast("B"))
+        """Write the bytes, little-endian as ONNX stores them, one block of rows at a time: a thread writes
+        each block while the next is computed (the write and torch's kernels both release the GIL)."""
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="branchfold-write") as writer:
+            pending = None
+            for block in self.rows.blocks(self.block_bytes, buffers=2):
+                array = block.numpy()
+                if sys.byteorder != "little":
+                    array = array.astype(array.dtype.newbyteorder("<"))
+                if pending is not None:
+                    pending.result()  # the block before is written: its buffer is the next one computed
+                pending = writer.submit(file.write, memoryview(array).cast("B"))
+            if pending is not None:
+                pending.result()
         self.release()
 
 

@@ -84,13 +84,15 @@ class RoundedRows:
         row = math.prod(self.shape[1:]) * self.dtype.itemsize
         return max(1, block_bytes // max(row, 1))
 
-    def blocks(self, block_bytes: int = BLOCK_BYTES) -> Iterator[torch.Tensor]:
-        """The rows, in order, a block at a time, each computed into the same buffer (so a block is valid
-        until the next one is asked for): memory of one block, whatever the weight's size."""
+    def blocks(self, block_bytes: int = BLOCK_BYTES, buffers: int = 1) -> Iterator[torch.Tensor]:
+        """The rows, in order, a block at a time, computed into ``buffers`` buffers in turn (so a block is
+        valid until ``buffers`` more are asked for: two let a consumer write one while the next is
+        computed): memory of a few blocks, whatever the weight's size."""
         step = self.rows_per_block(block_bytes)
-        buffer = torch.empty((min(step, self.shape[0]), *self.shape[1:]), dtype=self.dtype)
-        for start in range(0, self.shape[0], step):
-            yield self.rows(start, start + step, out=buffer)
+        shape = (min(step, self.shape[0]), *self.shape[1:])
+        ring = [torch.empty(shape, dtype=self.dtype) for _ in range(max(1, buffers))]
+        for i, start in enumerate(range(0, self.shape[0], step)):
+            yield self.rows(start, start + step, out=ring[i % len(ring)])
 
     def elements(self, flat: torch.Tensor) -> torch.Tensor:
         """The elements at row-major positions ``flat``, with the bits ``full()`` gives them, reading
