@@ -192,12 +192,6 @@ def test_big_unverified_fold_within_memory_bound(big, fold_big):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason=(
-    "not met in every run on this 2-core VM: the fold reads 2.2 GB of weights and writes 1.1 GB of new ones "
-    "(6.0 s in benchmarks/RESULTS.md, the sums themselves in float32 at memory speed), and this VM fills pages it "
-    "has not touched for a while at about 300 MB/s (a first touch of 1 GB: 3.4 s, then 0.16 s); onnx_ir's load "
-    "+ save is a copy of the data file, 1.0-1.2 s when its pages are cached and 4.7 s when not; the bound is "
-    "2.5x that + 2 s"))
 def test_big_unverified_fold_within_time_bound(big, fold_big, limit_s):
     result = fold_big("branchfold")
     assert result.error is None, result.error
