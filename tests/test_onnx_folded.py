@@ -249,3 +249,23 @@ def test_every_read_of_the_stored_weights_releases_their_pages():
     fingerprint(tensor)
     same_bytes(tensor, tensor)
     assert len(released) == 6  # same_bytes releases each operand
+
+
+def test_the_heap_is_trimmed_after_regions_that_computed_big_weights(make_onnx, monkeypatch):
+    """A LayerNorm folded into a 2048x2048 linear computes its 16 MB weight (float64 temporaries of twice
+    that): the emitter gives the freed heap back after it, not only once the whole fold is done."""
+    import branchfold.adapters.onnx as adapter
+
+    width = 2048
+    nodes = [
+        helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["n"], axis=-1),
+        helper.make_node("MatMul", ["n", "w"], ["y"]),
+    ]
+    inits = [("gamma", R.standard_normal(width).astype(np.float32)), ("beta", R.standard_normal(width).astype(np.float32)),
+             ("w", R.standard_normal((width, width)).astype(np.float32))]  # fmt: skip
+    proto = make_onnx(nodes, [("x", ["N", width])], [("y", ["N", width])], inits)
+    trims = []
+    monkeypatch.setattr(adapter, "return_freed_memory", lambda: trims.append(1))
+    result = fold_onnx(ir.from_proto(proto), verify=False)
+    assert result.report.folded and not _folded_tensors(result.model)  # a scaled weight: computed at once
+    assert trims == [1]

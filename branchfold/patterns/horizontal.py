@@ -21,7 +21,7 @@ from typing import Literal
 
 import torch
 
-from branchfold.rewriter.affine import AffineMap, Conv, Dense, Refusal, value
+from branchfold.rewriter.affine import AffineMap, Conv, Dense, Refusal, lazy, value
 
 HorizontalMode = Literal["auto", "on", "off"]
 MODES: tuple[str, ...] = ("auto", "on", "off")
@@ -119,14 +119,18 @@ def without_parallel_sums(
 def concat(members: Sequence[Member]) -> Fused:
     """One map whose output channels are the members' outputs, one after the other.
 
-    Weights are concatenated here, once, at fold time; members without a bias contribute zeros.
+    Weights are concatenated once, at fold time, when the fused op is written (the weight is lazy: a group
+    the policy does not fuse, which on ONNX is every group by default, never reads its members' weights);
+    members without a bias contribute zeros.
     """
     if len(members) < 2:
         raise Refusal("shape", "horizontal fusion needs at least two ops")
     first = members[0].map
     for m in members[1:]:
         check_pair(first, m.map)
-    weight = torch.cat([value(m.map.weight) for m in members], dim=0)
+    weights = [m.map.weight for m in members]
+    shape = (sum(int(w.shape[0]) for w in weights), *first.weight.shape[1:])
+    weight = lazy(shape, lambda: torch.cat([value(w) for w in weights], dim=0))
     bias = torch.cat([value(m.map.bias) for m in members], dim=0)
     sizes = tuple(int(m.map.weight.shape[0]) for m in members)
     has_bias = any(m.has_bias for m in members)

@@ -89,3 +89,26 @@ def test_mode_is_checked():
     assert horizontal.check_mode("on") == "on"
     with pytest.raises(InputError, match="auto, on, off"):
         horizontal.check_mode("yes")
+
+
+def test_concat_reads_no_weight_until_the_fused_op_is_written():
+    """The policy decides on shapes: a group it does not fuse (every ONNX group by default) never reads or
+    concatenates its members' weights; the fused weight is computed when it is asked for."""
+    from dataclasses import replace
+
+    from branchfold.rewriter.affine import lazy
+
+    reads = []
+
+    def member(out: int) -> Member:
+        w = torch.randn(out, 8, dtype=torch.float64)
+        m = canonical.linear(w, torch.randn(out))
+        return Member(f"d{out}", replace(m, weight=lazy(w.shape, lambda: reads.append(out) or w)), True)
+
+    members = [member(4), member(6)]
+    fused = horizontal.concat(members)
+    assert tuple(fused.map.weight.shape) == (10, 8) and fused.map.weight.numel() == 80
+    horizontal.pays(fused, Policy(max_macs_per_row=10))
+    assert reads == []
+    whole = value(fused.map.weight)
+    assert reads == [4, 6] and whole.shape == (10, 8)
