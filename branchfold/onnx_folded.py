@@ -101,7 +101,7 @@ def _positions(shape: tuple[int, ...]) -> np.ndarray:
 
 
 def fingerprint(t: ir.TensorProtocol) -> bytes:
-    """A digest of a few thousand elements of ``t`` spread over it: equal tensors have equal fingerprints, and
+    """A digest of a few hundred elements of ``t`` spread over it: equal tensors have equal fingerprints, and
     a ``FoldedTensor`` gets the one of its computed bytes without being computed whole."""
     positions = _positions(tuple(t.shape.numpy()))
     if isinstance(t, FoldedTensor):
