@@ -26,7 +26,7 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
-from branchfold.rewriter.rounding import BLOCK_BYTES, RoundedRows
+from branchfold.rewriter.rounding import BLOCK_BYTES, RoundedRows, rows_per_block
 
 PATCHES, PATCH = 8, 8  # a fingerprint reads 8 blocks of 8 x 8 elements (8 runs of 64 beyond 2-D)
 
@@ -112,15 +112,16 @@ def fingerprint(t: ir.TensorProtocol) -> bytes:
     return hashlib.sha256(np.ascontiguousarray(sample).view(np.uint8).tobytes()).digest()
 
 
-def _row_blocks(t: ir.TensorProtocol, step: int):
+def _row_blocks(t: ir.TensorProtocol, block_bytes: int):
+    """``t``'s rows, ``rows_per_block`` at a time (a FoldedTensor's computed into one reused buffer)."""
     if isinstance(t, FoldedTensor):
-        for start in range(0, t.rows.shape[0], step):
-            yield t.rows.rows(start, start + step).numpy()
+        yield from (block.numpy() for block in t.rows.blocks(block_bytes))
         return
     array = np.asarray(t.numpy())
     if array.ndim == 0:
         yield array.reshape(1)
         return
+    step = rows_per_block(array.shape, array.itemsize, block_bytes)
     for start in range(0, len(array), step):
         yield array[start : start + step]
 
@@ -130,13 +131,10 @@ def same_bytes(a: ir.TensorProtocol, b: ir.TensorProtocol) -> bool:
     ``FoldedTensor`` is never computed whole)."""
     if a.dtype != b.dtype or tuple(a.shape.numpy()) != tuple(b.shape.numpy()):
         return False
-    dims = tuple(a.shape.numpy())
-    row = int(np.prod(dims[1:])) * a.dtype.itemsize if dims else 1
-    step = max(1, BLOCK_BYTES // max(int(row), 1))
     try:
         return all(
             np.array_equal(np.ascontiguousarray(x).view(np.uint8), np.ascontiguousarray(y).view(np.uint8))
-            for x, y in zip(_row_blocks(a, step), _row_blocks(b, step))
+            for x, y in zip(_row_blocks(a, BLOCK_BYTES), _row_blocks(b, BLOCK_BYTES))
         )
     finally:
         for t in (a, b):

@@ -129,10 +129,9 @@ def concat(members: Sequence[Member]) -> Fused:
     for m in members[1:]:
         check_pair(first, m.map)
     weights = [m.map.weight for m in members]
-    shape = (sum(int(w.shape[0]) for w in weights), *first.weight.shape[1:])
-    weight = lazy(shape, lambda: torch.cat([value(w) for w in weights], dim=0))
+    sizes = tuple(int(w.shape[0]) for w in weights)
+    weight = lazy((sum(sizes), *first.weight.shape[1:]), lambda: torch.cat([value(w) for w in weights], dim=0))
     bias = torch.cat([value(m.map.bias) for m in members], dim=0)
-    sizes = tuple(int(m.map.weight.shape[0]) for m in members)
     has_bias = any(m.has_bias for m in members)
     if isinstance(first, Dense):
         return Fused(Dense(weight, bias), sizes, has_bias)

@@ -27,6 +27,12 @@ from branchfold.rewriter.affine import F64, Lazy, Tensorish, value
 BLOCK_BYTES = 4 << 20  # rows computed and written at a time (measured: 1-16 MiB within 10% on 64 MB weights)
 
 
+def rows_per_block(shape: Sequence[int], itemsize: float, block_bytes: int = BLOCK_BYTES) -> int:
+    """How many rows (of the first dim) of a tensor of ``shape`` fit in ``block_bytes`` (at least one)."""
+    row = int(math.prod(shape[1:]) * itemsize)
+    return max(1, block_bytes // max(row, 1))
+
+
 @dataclass(frozen=True)
 class RoundedRows:
     """A weight as it will be written (its final dtype and orientation) that is the sum of one or two
@@ -80,15 +86,11 @@ class RoundedRows:
         """The whole weight, a new contiguous tensor."""
         return self.rows(0, self.shape[0])
 
-    def rows_per_block(self, block_bytes: int = BLOCK_BYTES) -> int:
-        row = math.prod(self.shape[1:]) * self.dtype.itemsize
-        return max(1, block_bytes // max(row, 1))
-
     def blocks(self, block_bytes: int = BLOCK_BYTES, buffers: int = 1) -> Iterator[torch.Tensor]:
         """The rows, in order, a block at a time, computed into ``buffers`` buffers in turn (so a block is
         valid until ``buffers`` more are asked for: two let a consumer write one while the next is
         computed): memory of a few blocks, whatever the weight's size."""
-        step = self.rows_per_block(block_bytes)
+        step = rows_per_block(self.shape, self.dtype.itemsize, block_bytes)
         shape = (min(step, self.shape[0]), *self.shape[1:])
         ring = [torch.empty(shape, dtype=self.dtype) for _ in range(max(1, buffers))]
         for i, start in enumerate(range(0, self.shape[0], step)):
