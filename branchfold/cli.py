@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -24,8 +25,13 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     f = sub.add_parser("fold", help="fold an ONNX model and write the result")
     f.add_argument("input", help="the ONNX model to read (never changed unless --in-place)")
-    f.add_argument("-o", "--output", help="where to write the folded model")
-    f.add_argument("--in-place", action="store_true", help="allow writing over the input file")
+    target = f.add_mutually_exclusive_group(required=True)
+    target.add_argument(
+        "-o", "--output",
+        help="where to write the folded model (its weights go to a data file beside it, named after it, "
+             "when the input had one)",
+    )  # fmt: skip
+    target.add_argument("--in-place", action="store_true", help="write over the input file instead")
     f.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     f.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check against the original")
     f.add_argument("--tolerance", type=float, default=None, help="largest relative error accepted")
@@ -67,8 +73,6 @@ def _fold(args: argparse.Namespace) -> int:
     from branchfold.passes.onnx_pipeline import fold_onnx
 
     src = Path(args.input)
-    if args.output is None and not args.in_place:
-        raise InputError("give an output file with -o OUT.onnx (or --in-place to replace the input)")
     out = Path(args.output) if args.output else src
     if src.exists() and onnx_io.same_file(src, out) and not args.in_place:
         raise InputError(f"the output {out} is the input file; pass --in-place to overwrite it")
@@ -76,28 +80,38 @@ def _fold(args: argparse.Namespace) -> int:
         raise InputError(f"output path {out} is a folder")
     if not out.parent.is_dir():
         raise InputError(f"output folder {out.parent} does not exist")
+    if src.is_file() and not args.in_place:
+        _refuse_overwriting_input_data(src, out)
     with _progress(args, src) as say:
-        say("reading the model")
-        model = onnx_io.load(src)
-        if args.progress == "auto" and len(model.graph) >= LARGE_MODEL_NODES:
-            say.show()
         result = fold_onnx(
-            model, verify=not args.no_verify, tolerance=args.tolerance, seed=args.seed, progress=say,
+            src, verify=not args.no_verify, tolerance=args.tolerance, seed=args.seed, progress=say,
             horizontal=args.horizontal, runtime_guard=not args.no_runtime_guard,
-            transformer_guard=args.transformer_model_type,
+            transformer_guard=args.transformer_model_type, output=out,
         )  # fmt: skip
-        if result.report.max_error is not None and not result.report.verified:
-            raise BranchfoldError(
-                f"the folded model differs from the original (error {result.report.max_error:.2e}); nothing written"
-            )
-        say("writing the folded model")
-        external = onnx_io.has_external_data(src) or None
-        onnx_io.save_model(result.model, out, external_data=external)
     if args.json:
         print(json.dumps(result.report.to_dict(), indent=2))
     else:
-        print(result.report.render(title=f"branchfold: {src.name} -> {out.name}"))
+        width = shutil.get_terminal_size().columns if sys.stdout.isatty() else None
+        print(result.report.render(title=f"branchfold: {args.input} -> {args.output or args.input}", width=width))
     return 0
+
+
+def _refuse_overwriting_input_data(src: Path, out: Path) -> None:
+    """The output's data file must not replace one the input reads (``-o b.onnx`` beside an ``a.onnx`` whose
+    weights are in ``b.onnx.data``): the input would be changed."""
+    from branchfold import onnx_io
+
+    try:
+        locations = onnx_io.external_locations(src)
+    except Exception:  # an unreadable input is reported by the fold itself, in one line
+        return
+    data = out.with_name(onnx_io.data_file_name(out, locations, src.name))
+    for location in set(locations):
+        if onnx_io.same_file(src.parent / location, data):
+            raise InputError(
+                f"the output's data file {data} is the data file of the input ({location}); choose another "
+                "output name or folder"
+            )
 
 
 class _Say:

@@ -19,7 +19,7 @@ import functools
 import hashlib
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -63,21 +63,29 @@ class FoldedTensor(ir.LazyTensor):
         finally:
             self.release()
 
-    def tofile(self, file) -> None:
-        """Write the bytes, little-endian as ONNX stores them, one block of rows at a time: a thread writes
-        each block while the next is computed (the write and torch's kernels both release the GIL)."""
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="branchfold-write") as writer:
-            pending = None
-            for block in self.rows.blocks(self.block_bytes, buffers=2):
+    def byte_blocks(self, buffers: int = 1) -> Iterator[memoryview]:
+        """The bytes, little-endian as ONNX stores them, one block of rows at a time (each block valid until
+        ``buffers`` more are taken: the rows are computed into reused buffers). Releases the pages after."""
+        try:
+            for block in self.rows.blocks(self.block_bytes, buffers=buffers):
                 array = block.numpy()
                 if sys.byteorder != "little":
                     array = array.astype(array.dtype.newbyteorder("<"))
+                yield memoryview(array).cast("B")
+        finally:
+            self.release()
+
+    def tofile(self, file) -> None:
+        """Write the bytes one block of rows at a time: a thread writes each block while the next is computed
+        (the write and torch's kernels both release the GIL)."""
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="branchfold-write") as writer:
+            pending = None
+            for block in self.byte_blocks(buffers=2):
                 if pending is not None:
                     pending.result()  # the block before is written: its buffer is the next one computed
-                pending = writer.submit(file.write, memoryview(array).cast("B"))
+                pending = writer.submit(file.write, block)
             if pending is not None:
                 pending.result()
-        self.release()
 
 
 def _positions(shape: tuple[int, ...]) -> np.ndarray:

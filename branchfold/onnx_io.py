@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import onnx
@@ -24,6 +24,7 @@ from onnx_ir import external_data as ir_external_data
 
 from branchfold import onnx_weights
 from branchfold.errors import InputError
+from branchfold.onnx_readback import resolve, verify_written
 from branchfold.onnx_wire import WireError, load_weightless
 
 PROTOBUF_LIMIT = onnx_weights.PROTOBUF_LIMIT  # a serialized ModelProto must stay under 2 GB
@@ -51,27 +52,73 @@ def external_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
     return [t for t in found if uses_external_data(t)]
 
 
-def has_external_data(path: str | os.PathLike) -> bool:
-    """Whether the model file at ``path`` keeps tensors in external data files. Read without its weights:
-    parsing a 650 MB file with protobuf to answer this would cost twice its size in memory."""
+def external_locations(path: str | os.PathLike) -> list[str]:
+    """The data files (as written in the model, one entry per tensor) that the model file at ``path`` keeps
+    tensors in. Read without its weights: parsing a 650 MB file with protobuf to answer this would cost
+    twice its size in memory."""
     p = Path(path)
     proto, _ = load_weightless(p)
-    return any(e.key == "location" and e.value != p.name for t in external_tensors(proto) for e in t.external_data)
+    return [e.value for t in external_tensors(proto) for e in t.external_data if e.key == "location" and e.value != p.name]
+
+
+def has_external_data(path: str | os.PathLike) -> bool:
+    """Whether the model file at ``path`` keeps tensors in external data files."""
+    return bool(external_locations(path))
 
 
 def check_external_locations(model: onnx.ModelProto, folder: Path) -> None:
-    """Refuse external-data locations that would read outside the model's own folder."""
-    root = folder.resolve()
+    """Refuse external-data references that a runtime opening the model from ``folder`` could not read:
+    outside the folder, to a missing file, past its end (a truncated data file), or of the wrong length."""
     for t in external_tensors(model):
-        location = next((e.value for e in t.external_data if e.key == "location"), "")
-        target = (root / location).resolve()
-        if Path(location).is_absolute() or not target.is_relative_to(root):
+        try:
+            resolve(folder, t)
+        except ValueError as e:
+            raise InputError(f"{e}; the model's data files must lie next to it, as written") from None
+
+
+def check_file_tensors(model: ir.Model) -> None:
+    """The same for a model already in memory: every file-backed tensor must be readable where it points
+    (``onnx_ir.load`` resolves them against the model file's folder; a proto's against ``base_dir``)."""
+    for t in file_tensors(model):
+        path = Path(t.path)
+        if not path.is_file():
             raise InputError(
-                f"tensor {t.name!r} points to external data {location!r} outside the model's folder; "
-                "move the data file next to the model"
+                f"tensor {t.name!r} points to external data {str(t.location)!r}, which is missing in {path.parent}; "
+                "load the model from its own file (onnx_ir.load(path)) or pass base_dir= its folder"
             )
-        if not target.is_file():
-            raise InputError(f"external data file {location!r} of tensor {t.name!r} is missing in {root}")
+        offset, length, size = t.offset or 0, t.length if t.length is not None else t.nbytes, path.stat().st_size
+        if offset + length > size:
+            raise InputError(
+                f"tensor {t.name!r} needs bytes {offset}..{offset + length} of {str(t.location)!r}, which has {size}: "
+                "the data file is truncated or belongs to another model"
+            )
+
+
+def file_tensors(model: ir.Model) -> list[ir.ExternalTensor]:
+    """Every file-backed tensor of ``model``: main-graph initializers and the nested ones."""
+    tensors = [v.const_value for v in model.graph.initializers.values() if isinstance(v.const_value, ir.ExternalTensor)]
+    return tensors + [t for _, _, t in onnx_weights.nested_file_tensors(model)]
+
+
+def set_base_dir(model: ir.Model, folder: str | os.PathLike) -> None:
+    """Resolve ``model``'s file-backed tensors against ``folder`` (where its file lies)."""
+    ir_external_data.set_base_dir(model.graph, folder)
+    for function in model.functions.values():
+        for node in function:
+            for attr in node.attributes.values():
+                if attr.type == ir.AttributeType.TENSOR and isinstance(attr.value, ir.ExternalTensor):
+                    attr.value.base_dir = folder
+
+
+def data_file_name(output: Path, inputs: list[str] | None = None, input_name: str | None = None) -> str:
+    """The name of the output's data file: the input's convention carried over when it had one data file named
+    after itself (``model.onnx_data`` for ``model.onnx``, Optimum's; ``model.onnx.data``, torch's), else
+    ``<output name>.data``."""
+    if inputs and input_name and len(set(inputs)) == 1:
+        (only,) = set(inputs)
+        if only.startswith(input_name) and only != input_name and "/" not in only and os.sep not in only:
+            return output.name + only[len(input_name) :]
+    return output.name + ".data"
 
 
 def _checked_path(path: str | os.PathLike) -> Path:
@@ -101,7 +148,7 @@ def load(path: str | os.PathLike) -> ir.Model:
     if os.stat(p).st_nlink > 1:  # onnx_ir refuses to map a hard-linked file: read the weights now
         return ir.from_proto(load_model(p))
     model = ir.serde.deserialize_model(proto)
-    ir_external_data.set_base_dir(model.graph, p.parent)
+    set_base_dir(model, p.parent)
     return model
 
 
@@ -145,12 +192,19 @@ def save_model(
     *,
     external_data: bool | None = None,
     limit: int = PROTOBUF_LIMIT,
+    data_name: str | None = None,
+    check: Callable[[Path], None] | None = None,
 ) -> list[Path]:
-    """Write ``model`` to ``path`` atomically; returns the files written.
+    """Write ``model`` to ``path`` atomically and prove the file holds it; returns the files written.
 
-    ``external_data``: None decides by size (models over ``limit`` are written with their weights in
-    ``<name>.data`` beside the model). ``model`` itself is not changed. Weights are streamed from where
-    they lie (the input file for a model from ``load``), never assembled in memory.
+    ``external_data``: None decides by size (models over ``limit`` are written with their weights in a data
+    file beside the model, ``data_name`` or ``<name>.data``). ``model`` itself is not changed. Weights are
+    streamed from where they lie (the input file for a model from ``load``), never assembled in memory.
+
+    Before anything is put in place, the staged file is read back from its own folder as a runtime reads it
+    and every tensor is compared byte for byte with ``model``'s (``onnx_readback.verify_written``); then
+    ``check`` (if given) runs on the staged file's path, e.g. onnxruntime against the original's outputs. If
+    either fails, nothing is written and an existing output stays as it was.
     """
     target = Path(path)
     if target.is_dir():
@@ -161,7 +215,10 @@ def save_model(
     graph = ir.from_proto(model) if isinstance(model, onnx.ModelProto) else model
     tmp = Path(tempfile.mkdtemp(prefix=".branchfold-", dir=folder))
     try:
-        staged = onnx_weights.save(graph, tmp / target.name, external_data=external_data, limit=limit)
+        staged = onnx_weights.save(graph, tmp / target.name, external_data=external_data, limit=limit, data_name=data_name)
+        verify_written(staged[0], graph)
+        if check is not None:
+            check(staged[0])
         mode = 0o666 & ~_umask()
         written = []
         for f in staged:

@@ -39,29 +39,81 @@ _ORT_VALUE_TYPES = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE}
 
 
 def big_initializers(model: ir.Model) -> list[ir.Value]:
-    """The main graph's float initializers of at least ``MIN_EXTERNAL_BYTES``, in graph order."""
+    """The main graph's initializers whose bytes the writer streams rather than serializes: every one that
+    lies in a file (whatever its size and dtype: a reference left as it is would point into a data file the
+    output does not have) and every in-memory float one of at least ``MIN_EXTERNAL_BYTES``, in graph order."""
     return [
         v
         for v in model.graph.initializers.values()
-        if v.const_value is not None and v.const_value.dtype in FLOATS and v.const_value.nbytes >= MIN_EXTERNAL_BYTES
+        if v.const_value is not None
+        and (
+            isinstance(v.const_value, ir.ExternalTensor)
+            or (v.const_value.dtype in FLOATS and v.const_value.nbytes >= MIN_EXTERNAL_BYTES)
+        )
     ]
+
+
+def _graphs(graph: ir.Graph | ir.Function) -> Iterator[ir.Graph | ir.Function]:
+    """``graph`` and every subgraph (If/Loop/Scan bodies) in it, at any depth."""
+    yield graph
+    for node in graph:
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.GRAPH:
+                yield from _graphs(attr.value)
+            elif attr.type == ir.AttributeType.GRAPHS:
+                for sub in attr.value:
+                    yield from _graphs(sub)
+
+
+def nested_file_tensors(model: ir.Model) -> list[tuple[object, str, ir.ExternalTensor]]:
+    """File-backed tensors that are not main-graph initializers (subgraph initializers, ``Constant`` and
+    other attribute tensors, functions' attributes), as ``(owner, key, tensor)``: the writer streams only
+    main-graph initializers, so these are written inline."""
+    found: list[tuple[object, str, ir.ExternalTensor]] = []
+    roots: list[ir.Graph | ir.Function] = [model.graph, *model.functions.values()]
+    for root in roots:
+        for g in _graphs(root):
+            if g is not model.graph and isinstance(g, ir.Graph):
+                for name, v in g.initializers.items():
+                    if isinstance(v.const_value, ir.ExternalTensor):
+                        found.append((v, name, v.const_value))
+            for node in g:
+                for name, attr in node.attributes.items():
+                    if attr.type == ir.AttributeType.TENSOR and isinstance(attr.value, ir.ExternalTensor):
+                        found.append((node, name, attr.value))
+    return found
 
 
 @contextlib.contextmanager
 def _placeholders(model: ir.Model) -> Iterator[dict[str, ir.TensorProtocol]]:
-    """The big initializers' tensors, their values replaced meanwhile by placeholders that serialize to
-    dims and type only (restored on exit, so the model is as it was)."""
+    """The streamed initializers' tensors (``big_initializers``), their values replaced meanwhile by
+    placeholders that serialize to dims and type only, and every other file-backed tensor read into memory
+    (restored on exit, so the model is as it was)."""
     swapped: dict[str, tuple[ir.Value, ir.TensorProtocol]] = {}
+    inlined: list[tuple[object, str, ir.ExternalTensor]] = []
     try:
         for v in big_initializers(model):
             t = v.const_value
             assert t is not None and v.name is not None
             swapped[v.name] = (v, t)
             v.const_value = ir.ExternalTensor(PLACEHOLDER, 0, t.nbytes, t.dtype, shape=ir.Shape(t.shape), name=v.name)
+        for owner, key, t in nested_file_tensors(model):
+            inlined.append((owner, key, t))
+            _set_nested(owner, key, ir.Tensor(t.numpy(), dtype=t.dtype, name=t.name))
         yield {name: t for name, (_, t) in swapped.items()}
     finally:
         for v, t in swapped.values():
             v.const_value = t
+        for owner, key, t in inlined:
+            _set_nested(owner, key, t)
+
+
+def _set_nested(owner: object, key: str, tensor: ir.TensorProtocol) -> None:
+    if isinstance(owner, ir.Node):
+        owner.attributes[key] = ir.AttrTensor(key, tensor)
+    else:
+        assert isinstance(owner, ir.Value)
+        owner.const_value = tensor
 
 
 def weightless_proto(model: ir.Model) -> tuple[onnx.ModelProto, dict[str, ir.TensorProtocol]]:
@@ -114,13 +166,27 @@ def return_freed_memory() -> None:
 _malloc_trim = None
 
 
+INFERENCE_INLINE_BYTES = 2**16  # file-backed tensors this small are read for shape inference (shape constants)
+
+
+def _inline_small(proto: onnx.ModelProto, tensors: dict[str, ir.TensorProtocol]) -> None:
+    """Give shape inference the values of the small file-backed tensors (the dynamo exporter stores shape
+    constants in its data file); the snapshot's models get the file-backed tensor objects back."""
+    for t_proto in proto.graph.initializer:
+        t = tensors.get(t_proto.name)
+        if t is not None and (t.dtype not in FLOATS or t.nbytes < MIN_EXTERNAL_BYTES) and t.nbytes <= INFERENCE_INLINE_BYTES:
+            _clear_reference(t_proto)
+            t_proto.raw_data = t.tobytes()
+
+
 class Snapshot:
     """A model to fold again and again: its graph serialized once without the big tensors, with shapes
     inferred once (ONNX shape inference on the weightless graph costs a fraction of a second on GPT-2)."""
 
     def __init__(self, model: ir.Model, infer_shapes: bool = True) -> None:
         proto, self.tensors = weightless_proto(model)
-        if infer_shapes:  # best effort, as onnx_ir's ShapeInferencePass: the fold refuses what it cannot see
+        if infer_shapes:
+            _inline_small(proto, self.tensors)  # best effort, as onnx_ir's ShapeInferencePass: the fold refuses what it cannot see
             with contextlib.suppress(Exception):
                 proto = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=False, data_prop=True)
         self.data = proto.SerializeToString()
@@ -226,7 +292,7 @@ def ort_session(model: ir.Model, options, weights: WeightsMode = "initializers",
         elif isinstance(t, ir.ExternalTensor) and os.path.abspath(t.base_dir) == folder:
             _refer(t_proto, str(t.location), t.offset or 0, t.length or t.nbytes)
             kept.append(t_proto)
-        elif stand_in is not None and t.nbytes <= stand_in.size:
+        elif stand_in is not None and t.dtype in FLOATS and MIN_EXTERNAL_BYTES <= t.nbytes <= stand_in.size:
             _refer(t_proto, stand_in.location, 0, t.nbytes)
             kept.append(t_proto)
         elif t.dtype in _ORT_VALUE_TYPES and weights == "inputs":
@@ -266,18 +332,24 @@ def _serialized_size(proto: onnx.ModelProto, tensors: dict[str, ir.TensorProtoco
 
 
 def save(
-    model: ir.Model, path: str | os.PathLike, external_data: bool | None = None, limit: int = PROTOBUF_LIMIT
+    model: ir.Model,
+    path: str | os.PathLike,
+    external_data: bool | None = None,
+    limit: int = PROTOBUF_LIMIT,
+    data_name: str | None = None,
 ) -> list[Path]:
     """Write ``model`` to ``path`` (not atomically: ``onnx_io.save_model`` stages it); returns the files.
 
-    ``external_data``: None puts the big tensors in ``<name>.data`` only when the model does not fit one
-    protobuf (``limit`` bytes). ``model`` is not changed (placeholders are swapped in and out while it is serialized)."""
+    ``external_data``: None puts the streamed tensors (``big_initializers``: the file-backed ones and the big
+    in-memory ones) in ``data_name`` (default ``<name>.data``) beside ``path`` only when the model does not fit
+    one protobuf (``limit`` bytes). ``model`` is not changed (placeholders are swapped in and out while it is
+    serialized)."""
     target = Path(path)
     proto, tensors = weightless_proto(model)
     if external_data is None:
         external_data = _serialized_size(proto, tensors) >= limit
     if external_data:
-        data = target.with_name(target.name + ".data")
+        data = target.with_name(data_name or target.name + ".data")
         _write_external(proto, tensors, target, data)
         return [target, data] if tensors else [target]
     _write_inline(proto, tensors, target)
@@ -305,20 +377,21 @@ def _write_external(proto: onnx.ModelProto, tensors: dict[str, ir.TensorProtocol
 
 
 def _write_inline(proto: onnx.ModelProto, tensors: dict[str, ir.TensorProtocol], target: Path) -> None:
-    """One protobuf, written in one pass: the graph's fields, then each big initializer's header and its
-    bytes streamed in as ``raw_data`` (lengths are known up front, so nothing is assembled in memory)."""
-    kept, moved = [], []
+    """One protobuf, written in one pass: the graph's other fields, then its initializers in their order,
+    each big one as its header and its bytes streamed in as ``raw_data`` (lengths are known up front, so
+    nothing is assembled in memory). Protobuf reads fields in any order, so the model parses as it was."""
+    entries: list[tuple[bytes, ir.TensorProtocol | None, int]] = []
     for t_proto in proto.graph.initializer:
-        (moved if t_proto.name in tensors else kept).append(t_proto)
-    entries = []
-    for t_proto in moved:
+        if t_proto.name not in tensors:
+            body = t_proto.SerializeToString()
+            entries.append((key(5, LENGTH_DELIMITED) + varint(len(body)) + body, None, 0))
+            continue
         _clear_reference(t_proto)
         header = t_proto.SerializeToString() + key(TENSOR_RAW_DATA, LENGTH_DELIMITED)
         n = tensors[t_proto.name].nbytes
         inner = len(header) + len(varint(n)) + n
         entries.append((key(5, LENGTH_DELIMITED) + varint(inner) + header + varint(n), tensors[t_proto.name], n))
     del proto.graph.initializer[:]
-    proto.graph.initializer.extend(kept)
     graph = proto.graph.SerializeToString()
     proto.ClearField("graph")
     head = proto.SerializeToString()
@@ -327,6 +400,8 @@ def _write_inline(proto: onnx.ModelProto, tensors: dict[str, ir.TensorProtocol],
         f.write(head + key(7, LENGTH_DELIMITED) + varint(graph_length) + graph)
         for prefix, tensor, n in entries:
             f.write(prefix)
+            if tensor is None:
+                continue
             start = f.tell()
             f.flush()
             tensor.tofile(f)

@@ -23,10 +23,16 @@ def _fmt(n: int | None) -> str:
     return str(n)
 
 
-def render_report(report: Mapping[str, Any], title: str, max_skipped: int = 12) -> str:
-    """The report as a table for people: totals before → after, regions, error, what was not folded."""
+UNBOUNDED = 100_000  # a width no line reaches: rows are never wrapped or cut
+
+
+def render_report(report: Mapping[str, Any], title: str, max_skipped: int = 12, width: int | None = 110) -> str:
+    """The report as a table for people: totals before → after, regions, error, what was not folded.
+
+    ``width``: the terminal's, where cells wrap within their row; None for a file or a pipe, where each row
+    is one line as wide as its content (a reader's viewer or ``grep`` sees whole rows)."""
     buf = io.StringIO()
-    console = Console(file=buf, width=110, force_terminal=False, color_system=None)
+    console = Console(file=buf, width=width or UNBOUNDED, force_terminal=False, color_system=None)
     console.print(title)
     totals = Table(show_edge=False)
     for col in ("", "before", "after", "ratio"):
@@ -45,6 +51,11 @@ def render_report(report: Mapping[str, Any], title: str, max_skipped: int = 12) 
         console.print(
             f"max relative error: {report['max_error']:.2e} (tolerance {report['tolerance']:.0e}) {verdict}"
         )
+    if report.get("written"):
+        checked = "read back byte for byte"
+        if report.get("file_error") is not None:
+            checked += f", error in onnxruntime {report['file_error']:.2e}"
+        console.print(f"written: {', '.join(report['written'])} ({checked})")
     if report.get("error_vs_fp32") is not None:
         console.print(
             f"error vs fp32 reference: folded {report['error_vs_fp32']:.2e}, "

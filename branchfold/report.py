@@ -46,6 +46,8 @@ class FoldReport:
     verified: bool = False
     notes: list[str] = field(default_factory=list)
     checked_batches: list[int] = field(default_factory=list)  # batch sizes the check ran the folded model at
+    written: list[str] = field(default_factory=list)  # the files written (ONNX with an output path)
+    file_error: float | None = None  # the written file, opened by onnxruntime from its path, against the original
 
     def counts_by_kind(self) -> dict[str, int]:
         return dict(Counter(r.kind for r in self.folded))
@@ -59,9 +61,10 @@ class FoldReport:
         d["skipped_by_reason"] = self.skipped_by_reason()
         return d
 
-    def render(self, title: str = "branchfold") -> str:
-        """The report as a text table (``render`` formats the plain data of ``to_dict``)."""
-        return render_report(self.to_dict(), title)
+    def render(self, title: str = "branchfold", width: int | None = 110) -> str:
+        """The report as a text table (``render`` formats the plain data of ``to_dict``); ``width`` None for
+        rows that never wrap (a file or a pipe)."""
+        return render_report(self.to_dict(), title, width=width)
 
     def __str__(self) -> str:
         return self.render()

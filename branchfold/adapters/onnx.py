@@ -4,7 +4,7 @@ Dense maps become ``Gemm`` (2-D inputs) or ``MatMul`` + ``Add``, convs a ``Conv`
 front for non-zero padding modes), channel maps ``Mul``/``Add``. Folded weights are computed in float64
 and stored as new initializers, cast to the dtype of the value they replace, under fresh names: no
 existing initializer is written to, and one still read elsewhere stays for its other readers. Graph
-input and output names are kept. Dead nodes are left for ``RemoveUnusedNodesPass``.
+input and output names are kept. Dead nodes are left for the pass to sweep (``passes.onnx_untouched.Liveness``).
 """
 
 from __future__ import annotations

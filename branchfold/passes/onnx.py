@@ -17,6 +17,7 @@ import onnx_ir.passes.common as common
 
 from branchfold.adapters.onnx import OnnxFoldResult, fold_graph
 from branchfold.onnx_folded import fingerprint, same_bytes
+from branchfold.passes.onnx_untouched import Liveness
 from branchfold.rewriter.region import Region
 
 
@@ -25,7 +26,8 @@ class FoldBranchesPass(ir.passes.InPlacePass):
 
     Shapes are needed for BatchNorm ranks and broadcast checks, so ONNX shape inference runs first
     (``infer_shapes=False`` when a pass before this one already did it). Nodes left dead by the fold
-    are removed; initializers are never modified. ``select`` can veto single regions (used to undo a
+    are removed (only those: what was dead in the input stays, ``onnx_untouched.Liveness``); initializers are
+    never modified. ``select`` can veto single regions (used to undo a
     region that failed its check). The last result is kept on ``self.result``.
 
     Folded weights that came out equal are stored once (GroupedMLP: the exporter duplicated a module's
@@ -43,10 +45,11 @@ class FoldBranchesPass(ir.passes.InPlacePass):
         if self.infer_shapes:
             common.ShapeInferencePass(strict_mode=False)(model)
         stored = set(model.graph.initializers)
+        before = Liveness(model.graph)
         self.result = fold_graph(model.graph, self.select)
         modified = bool(self.result.regions)
         if modified:
-            common.RemoveUnusedNodesPass()(model)
+            before.sweep(model.graph)
             store_equal_once(model.graph, [v for name, v in model.graph.initializers.items() if name not in stored])
         return ir.passes.PassResult(model, modified)
 

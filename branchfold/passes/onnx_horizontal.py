@@ -20,6 +20,7 @@ import onnx_ir.passes.common as common
 import torch
 
 from branchfold.adapters.onnx import Emitter
+from branchfold.passes.onnx_untouched import Liveness
 from branchfold.patterns import horizontal
 from branchfold.patterns.horizontal import (
     ONNX_POLICY,
@@ -67,6 +68,7 @@ class HorizontalFusionPass(ir.passes.InPlacePass):
         if self.infer_shapes:
             common.ShapeInferencePass(strict_mode=False)(model)
         graph = model.graph
+        before = Liveness(graph)
         ctx = OnnxContext(graph)
         writer = _Writer(graph, _opset(model))
         for (source, _), members in _candidates(ctx, graph).items():
@@ -85,7 +87,7 @@ class HorizontalFusionPass(ir.passes.InPlacePass):
                     writer.write(source, group, fused)
         modified = bool(self.result.fused)
         if modified:
-            common.RemoveUnusedNodesPass()(model)
+            before.sweep(graph)
             common.TopologicalSortPass()(model)
         return ir.passes.PassResult(model, modified)
 

@@ -13,20 +13,25 @@ to "this subset of regions verifies", and the same bisection undoes the regions 
 from __future__ import annotations
 
 import gc
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 import torch
 
+from branchfold import onnx_io
 from branchfold.adapters.onnx import OnnxFoldResult
 from branchfold.errors import BranchfoldError, InputError
 from branchfold.onnx_weights import FLOATS, Snapshot, ort_session, return_freed_memory, weightless_proto
+from branchfold.onnx_wire import load_weightless
 from branchfold.passes import verify as checks
 from branchfold.passes.onnx import fold_passes
 from branchfold.passes.onnx_horizontal import HorizontalFusionPass
+from branchfold.passes.onnx_untouched import declared_value_info, restore_declared
 from branchfold.passes.pipeline import FoldResult, add_horizontal
 from branchfold.passes.runtime_guard import FusionGuard, Loss, check_transformer_type
 from branchfold.passes.undo import bisect_passing, only
@@ -55,9 +60,16 @@ class _Folds:
     The copies come from one weightless ``Snapshot`` (graph serialized once without its big tensors,
     shapes inferred once), so a fold costs the graph, never the weights."""
 
-    def __init__(self, snapshot: Snapshot, horizontal: HorizontalMode) -> None:
+    def __init__(self, snapshot: Snapshot, horizontal: HorizontalMode, declared: dict[str, onnx.ValueInfoProto]) -> None:
         self.snapshot = snapshot
         self.horizontal = horizontal  # set to "off" once horizontal fusion is given up
+        self.declared = declared  # the input's own types: a candidate carries these and no inferred ones
+
+    def original(self) -> ir.Model:
+        """The input as given (its declared types only), to run and optimize as the reference."""
+        model = self.snapshot.model()
+        restore_declared(model, self.declared)
+        return model
 
     def __call__(self, select: Callable[[Region], bool] | None) -> _Attempt:
         candidate = self.snapshot.model()
@@ -65,12 +77,13 @@ class _Folds:
         passes(candidate)
         fuse = HorizontalFusionPass(self.horizontal, infer_shapes=False)
         fuse(candidate)
+        restore_declared(candidate, self.declared)
         self.snapshot.release()
         return _Attempt(candidate, passes.passes[0].result, fuse.result)
 
 
 def fold_onnx(
-    model: onnx.ModelProto | ir.Model,
+    model: onnx.ModelProto | ir.Model | str | os.PathLike,
     verify: bool = True,
     tolerance: float | None = None,
     seed: int = 0,
@@ -79,6 +92,9 @@ def fold_onnx(
     horizontal: HorizontalMode = "auto",
     runtime_guard: bool = True,
     transformer_guard: str | None = None,
+    base_dir: str | os.PathLike | None = None,
+    output: str | os.PathLike | None = None,
+    external_data: bool | None = None,
 ) -> FoldResult:
     """Fold an ONNX model; ``FoldResult.model`` is the same kind as ``model``, which is left as it was.
 
@@ -87,22 +103,44 @@ def fold_onnx(
     regions whose rewrite makes onnxruntime's optimizer lose a fusion it makes of the original (see
     ``runtime_guard``). ``transformer_guard`` ("bert", "gpt2", ...): the same for onnxruntime's
     transformer optimizer with that ``model_type``; it runs whenever given, with or without ``verify``.
+
+    ``model`` may be a path: the file is read with its weights left where they lie, external data resolved
+    from the file's own folder, and the result is an ``onnx_ir.Model`` reading unchanged weights from there.
+    A ``ModelProto`` whose tensors refer to external data files needs ``base_dir``, the folder its file was
+    in (``onnx.load`` without ``load_external_data=False`` reads them in and needs none).
+
+    ``output``: write the result there (atomically) and check the file, not only the model in memory: read
+    back from its own folder, every tensor must hold the bytes that were checked, and with ``verify`` the
+    file itself, opened by onnxruntime from its path, must match the original's outputs; if not, nothing is
+    written and ``BranchfoldError`` is raised. Its weights go to a data file beside it (named after it, in the
+    input file's convention) when the input had one or ``external_data`` is True, or when it exceeds 2 GB.
     """
     check_mode(horizontal)
     if transformer_guard is not None:
         check_transformer_type(transformer_guard)
     say = progress or (lambda _msg: None)
-    if isinstance(model, ir.Model):
+    path = Path(model) if isinstance(model, (str, os.PathLike)) else None
+    if path is not None:
+        say("reading the model")
+        source, as_ir = onnx_io.load(path), True
+        declared = declared_value_info(load_weightless(path)[0])
+    elif isinstance(model, ir.Model):
         source, as_ir = model, True
+        declared = declared_value_info(weightless_proto(model)[0])
     elif isinstance(model, onnx.ModelProto):
         source, as_ir = ir.from_proto(model), False  # wraps the proto's tensors, copies none
+        onnx_io.set_base_dir(source, base_dir if base_dir is not None else os.getcwd())
+        declared = declared_value_info(model)
     else:
-        raise InputError(f"expected an onnx.ModelProto or onnx_ir.Model, got {type(model).__name__}")
+        raise InputError(f"expected an onnx.ModelProto, onnx_ir.Model or a path, got {type(model).__name__}")
+    if base_dir is not None and not isinstance(model, onnx.ModelProto):
+        raise InputError("base_dir is for an onnx.ModelProto; a path or onnx_ir.Model knows its own folder")
+    onnx_io.check_file_tensors(source)
     check_domains(source)
     say("inferring shapes")
     snapshot = Snapshot(source)
-    folds = _Folds(snapshot, horizontal)
-    original = snapshot.model()
+    folds = _Folds(snapshot, horizontal, declared)
+    original = folds.original()
     totals_before = totals(original)
     checker = None
     if verify:
@@ -145,7 +183,36 @@ def fold_onnx(
     add_horizontal(report, current.fused)
     if outcome is not None:
         report.max_error, report.tolerance, report.verified = outcome.error, outcome.tolerance, outcome.ok
+    if output is not None:
+        if outcome is not None and not outcome.ok:
+            raise BranchfoldError(f"the folded model differs from the original (error {outcome.error:.2e}); nothing written")
+        say("writing the folded model")
+        _write(current.model, Path(output), path, external_data, checker, report)
     return FoldResult(current.model if as_ir else ir.to_proto(current.model), report)
+
+
+def _write(model: ir.Model, output: Path, source: Path | None, external_data: bool | None, checker, report) -> None:
+    """Write ``model`` and check the file written (see ``fold_onnx``); the report says what was checked."""
+    locations = onnx_io.external_locations(source) if source is not None else []
+    if external_data is None and locations:
+        external_data = True
+    data_name = onnx_io.data_file_name(output, locations, source.name if source is not None else None)
+    errors: list[float] = []
+
+    def check(staged: Path) -> None:
+        outcome = checker.check_file(staged)
+        errors.append(outcome.error)
+        if not outcome.ok:
+            raise BranchfoldError(
+                f"the file written differs from the model that was checked (error {outcome.error:.2e} against "
+                f"tolerance {outcome.tolerance:.0e} in onnxruntime); nothing written"
+            )
+
+    written = onnx_io.save_model(
+        model, output, external_data=external_data, data_name=data_name, check=check if checker is not None else None
+    )
+    report.written = [str(p) for p in written]
+    report.file_error = errors[0] if errors else None
 
 
 def _failed(region: Region, name: str) -> Skipped:
@@ -246,6 +313,16 @@ def check_domains(model: ir.Model) -> None:
 def _session(model: ir.Model, what: str):
     """A session at ``ORT_DISABLE_ALL`` (the reference hides no fusion), weights read where they lie and
     not prepacked (a few small runs do not pay for a second copy of every weight)."""
+    try:
+        return ort_session(model, _options(), weights="inputs")
+    except Exception as e:  # onnxruntime raises its own exception types
+        line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BranchfoldError(
+            f"onnxruntime cannot run the {what} model ({line}); fold without verification to skip the check"
+        ) from None
+
+
+def _options():
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -254,13 +331,7 @@ def _session(model: ir.Model, what: str):
     options.add_session_config_entry("session.disable_prepacking", "1")
     options.enable_cpu_mem_arena = False  # an arena keeps what a run allocated (GPT-2's transposed weights)
     options.enable_mem_pattern = False
-    try:
-        return ort_session(model, options, weights="inputs")
-    except Exception as e:  # onnxruntime raises its own exception types
-        line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BranchfoldError(
-            f"onnxruntime cannot run the {what} model ({line}); fold without verification to skip the check"
-        ) from None
+    return options
 
 
 def random_feeds(session, seed: int, count: int) -> list[dict[str, np.ndarray]]:
@@ -304,8 +375,22 @@ class _Checker:
         elem = outputs[0].dtype if outputs and outputs[0].dtype is not None else None
         self.tolerance = tolerance if tolerance is not None else checks.tolerance_for(_LOW.get(elem))
 
+    def check_file(self, path: Path) -> checks.Check:
+        """The check, run on a written file that onnxruntime opens from its path (its external data resolved
+        from its own folder, as any user's session would), not on a model in memory."""
+        import onnxruntime as ort
+
+        try:
+            session = ort.InferenceSession(str(path), _options(), providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own exception types
+            line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise BranchfoldError(f"onnxruntime cannot open the file written ({line}); nothing written") from None
+        return self._compare(session)
+
     def check(self, candidate: ir.Model) -> checks.Check:
-        session = _session(candidate, "folded")
+        return self._compare(_session(candidate, "folded"))
+
+    def _compare(self, session) -> checks.Check:
         worst = 0.0
         for feed, ref in zip(self.feeds, self.expected):
             worst = max(worst, checks.relative_error(ref, _torch(session.run(None, feed))))
