@@ -21,7 +21,7 @@ import onnx_ir as ir
 from branchfold.errors import BranchfoldError
 from branchfold.onnx_wire import load_weightless
 
-CHUNK_BYTES = 16 * 2**20
+CHUNK_BYTES = 2**20  # small enough that the heap reuses each chunk's memory for the next
 
 
 class WrittenFileMismatch(BranchfoldError):

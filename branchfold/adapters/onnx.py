@@ -167,6 +167,12 @@ class Emitter:
             value.name = self.fresh("replaced")
             new.name = name
             new.shape, new.type = value.shape, value.type
+        elif new.producer() is not None and new.producer() in self.nodes:
+            # the new value takes the name of the one it replaces: its readers, outside the region, stay as
+            # they were (the old value is left unread and removed with its producer)
+            name = value.name
+            value.name = self.fresh("replaced")
+            new.name = name
         value.replace_all_uses_with(new, replace_graph_outputs=True)
         self.replaced[value] = new
 
