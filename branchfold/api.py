@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,16 +16,18 @@ def fold_with_report(model: Any, args: Sequence = (), kwargs: dict | None = None
 
     ``model`` is an ``nn.Module`` (captured with torch.export by default, ``capture="symbolic_trace"``
     for the other way), an already traced ``torch.fx.GraphModule``, a ``torch.export.ExportedProgram``,
-    or an ``onnx.ModelProto`` / ``onnx_ir.Model``; the result is of the same kind. ``args``/``kwargs``
+    or an ``onnx.ModelProto`` / ``onnx_ir.Model`` or the path of an ONNX file (the result is an
+    ``onnx_ir.Model``; ``output=`` writes it and checks the file written); the result is of the same kind. ``args``/``kwargs``
     are example inputs (ONNX models need none): the result is checked against the original on them and
     on random inputs of the same shapes. Options: ``verify`` (default True), ``tolerance``,
     ``random_checks``, ``seed``; for modules also ``capture``, ``horizontal`` ("auto", "on", "off") and
     ``dynamic`` (default ``None``: a free batch size where the model allows it, see ``fold_module``);
-    for ONNX ``horizontal`` and ``progress``.
+    for ONNX ``horizontal``, ``progress``, ``output``, ``base_dir`` (a ``ModelProto``'s folder, for its
+    external data) and ``external_data``.
     """
     import torch
 
-    if _is_onnx(model):
+    if isinstance(model, (str, os.PathLike)) or _is_onnx(model):
         from branchfold.passes.onnx_pipeline import fold_onnx
 
         if args or kwargs:

@@ -206,3 +206,15 @@ def test_other_tools_layouts_are_written_next_to_the_output(make_onnx, tmp_path,
     assert sorted(p.name for p in out.parent.iterdir()) == expected
     x = R.standard_normal((3, 64)).astype(np.float32)
     np.testing.assert_allclose(_run(out, x), _run(src, x), rtol=1e-5, atol=1e-5)
+
+
+def test_the_api_takes_a_path_and_writes_a_checked_file(make_onnx, tmp_path, monkeypatch):
+    import branchfold
+
+    src = _save_external(_branches_with_small_tensors(make_onnx), tmp_path / "in")
+    monkeypatch.chdir(tmp_path)
+    result = branchfold.fold_with_report("in/m.onnx", output="f.onnx")
+    assert isinstance(result.model, ir.Model) and result.report.written == ["f.onnx", "f.onnx.data"]
+    assert result.report.file_error is not None and result.report.file_error <= 1e-5
+    x = R.standard_normal((3, 64)).astype(np.float32)
+    np.testing.assert_allclose(_run(tmp_path / "f.onnx", x), _run(src, x), rtol=1e-5, atol=1e-5)
