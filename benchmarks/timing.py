@@ -67,6 +67,6 @@ def environment(threads: int) -> dict[str, str]:
         "git commit": _git_commit(),
     }
     env["torch threads (interop)"] = str(torch.get_num_interop_threads())
-    for dist in ("torch", "onnx", "onnxruntime", "onnxscript", "onnx-ir", "onnxslim", "transformers"):
+    for dist in ("torch", "onnx", "onnxruntime", "onnxscript", "onnx-ir", "onnxslim", "transformers", "openvino"):
         env[dist] = _version(dist)
     return env
