@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from branchfold.errors import BranchfoldError, InputError
+from branchfold.stages import StageClock
 
 LARGE_MODEL_BYTES = 50 * 2**20  # show progress for files at least this big (or with many nodes)
 LARGE_MODEL_NODES = 2000
@@ -27,6 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("-o", "--output", help="where to write the folded model")
     f.add_argument("--in-place", action="store_true", help="allow writing over the input file")
     f.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    f.add_argument("--html", metavar="PAGE.html", help="also write the report as a self-contained HTML page")
     f.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check against the original")
     f.add_argument("--tolerance", type=float, default=None, help="largest relative error accepted")
     f.add_argument("--seed", type=int, default=0, help="seed of the random check inputs")
@@ -76,11 +78,15 @@ def _fold(args: argparse.Namespace) -> int:
         raise InputError(f"output path {out} is a folder")
     if not out.parent.is_dir():
         raise InputError(f"output folder {out.parent} does not exist")
+    page = Path(args.html) if args.html else None
+    if page is not None and (page.is_dir() or not page.parent.is_dir()):
+        raise InputError(f"cannot write the HTML report to {page}: its folder does not exist or it is a folder")
     with _progress(args, src) as say:
+        say = StageClock(say)
         say("reading the model")
         model = onnx_io.load(src)
         if args.progress == "auto" and len(model.graph) >= LARGE_MODEL_NODES:
-            say.show()
+            say.forward.show()
         result = fold_onnx(
             model, verify=not args.no_verify, tolerance=args.tolerance, seed=args.seed, progress=say,
             horizontal=args.horizontal, runtime_guard=not args.no_runtime_guard,
@@ -93,10 +99,15 @@ def _fold(args: argparse.Namespace) -> int:
         say("writing the folded model")
         external = onnx_io.has_external_data(src) or None
         onnx_io.save_model(result.model, out, external_data=external)
+        result.report.stages = say.finish()
+    title = f"branchfold: {src.name} -> {out.name}"
+    if page is not None:
+        page.write_text(result.report.to_html(title=title), encoding="utf-8")
+        print(f"branchfold: report page written to {page}", file=sys.stderr)
     if args.json:
         print(json.dumps(result.report.to_dict(), indent=2))
     else:
-        print(result.report.render(title=f"branchfold: {src.name} -> {out.name}"))
+        print(result.report.render(title=title))
     return 0
 
 

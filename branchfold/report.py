@@ -6,6 +6,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 from branchfold.render import render_report
+from branchfold.report_data import Step, became, common_place, name_of, place_of, steps_of
 from branchfold.rewriter.region import NotFolded, Region
 
 
@@ -16,6 +17,11 @@ class FoldedRegion:
     at: str  # the value the fused op now computes
     macs_before: int  # multiply-adds per output position
     macs_after: int
+    # for the HTML page (empty where the pipeline does not know them)
+    steps: list[Step] = field(default_factory=list)  # the original ops as a small graph, labelled for people
+    became: str = ""  # the single op written instead ("Conv 3x3 s1 64→64")
+    place: str = ""  # the module that computes the region's value ("blocks.3.attn.q")
+    nodes: list[str] = field(default_factory=list)  # graph names of the original ops (``graph`` entries)
 
 
 @dataclass
@@ -24,6 +30,8 @@ class Skipped:
     reason: str  # category: shared-weight, training-mode, geometry, padding-border, cost, failed-check, lost-fusion, ...
     detail: str
     ops: list[str] = field(default_factory=list)
+    place: str = ""  # the module it sits in, where the graph records it
+    node: str = ""  # its graph name (a ``graph`` entry)
 
 
 @dataclass
@@ -46,6 +54,9 @@ class FoldReport:
     verified: bool = False
     notes: list[str] = field(default_factory=list)
     checked_batches: list[int] = field(default_factory=list)  # batch sizes the check ran the folded model at
+    graph: list[list[str]] = field(default_factory=list)  # the original's ops in order: [name, type, place]
+    stages: dict[str, float] = field(default_factory=dict)  # seconds per stage of the fold
+    fusions: dict[str, dict[str, int]] = field(default_factory=dict)  # ONNX: {"before"/"after": {kernel: n}}
 
     def counts_by_kind(self) -> dict[str, int]:
         return dict(Counter(r.kind for r in self.folded))
@@ -66,11 +77,22 @@ class FoldReport:
     def __str__(self) -> str:
         return self.render()
 
+    def to_html(self, title: str = "branchfold") -> str:
+        """The report as one self-contained HTML page (``render_html`` draws the plain data of ``to_dict``)."""
+        from branchfold.render_html import render_html
+
+        return render_html(self.to_dict(), title)
+
 
 def region_report(r: Region, at: str) -> FoldedRegion:
     """A walk's region as the report shows it (``at``: the frontend's name for the region's value)."""
-    return FoldedRegion(r.kind, list(r.labels), at, r.cost_before, r.cost_after)
+    return FoldedRegion(
+        r.kind, list(r.labels), at, r.cost_before, r.cost_after,
+        steps=steps_of(r.parts), became=became(r.map, r.source),
+        place=(place_of(r.parts[-1].key) if r.parts else "") or common_place(place_of(op.key) for op in r.parts),
+        nodes=[name_of(op.key) for op in r.parts],
+    )  # fmt: skip
 
 
 def skipped_report(n: NotFolded, at: str) -> Skipped:
-    return Skipped(at, n.category, n.detail, list(n.labels))
+    return Skipped(at, n.category, n.detail, list(n.labels), place=place_of(n.where), node=name_of(n.where))

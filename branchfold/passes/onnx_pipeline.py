@@ -32,6 +32,7 @@ from branchfold.passes.runtime_guard import FusionGuard, Loss, check_transformer
 from branchfold.passes.undo import bisect_passing, only
 from branchfold.patterns.horizontal import HorizontalMode, HorizontalResult, check_mode
 from branchfold.report import FoldReport, Skipped, Totals, region_report, skipped_report
+from branchfold.report_data import op_strip
 from branchfold.rewriter.region import Region
 
 Progress = Callable[[str], None]
@@ -140,6 +141,7 @@ def fold_onnx(
         before=totals_before,
         after=totals(current.model),
         notes=notes,
+        graph=op_strip(original.graph),
     )
     report.not_folded[:0] = undone  # rewrites undone come first: the rendered table shows the first few
     add_horizontal(report, current.fused)

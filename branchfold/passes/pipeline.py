@@ -31,6 +31,7 @@ from branchfold.passes.fx_horizontal import HorizontalFusionPass
 from branchfold.passes.undo import bisect_passing, only
 from branchfold.patterns.horizontal import HorizontalMode, HorizontalResult, check_mode
 from branchfold.report import FoldedRegion, FoldReport, Skipped, Totals, region_report, skipped_report
+from branchfold.report_data import op_strip
 from branchfold.rewriter.region import Region
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -352,6 +353,7 @@ def build_report(gm, final, result, undone, args, kwargs, outcome, training) -> 
         not_folded=[skipped_report(n, _name(n.where)) for n in result.not_folded],
         before=Totals(count_ops(gm), count_params(gm), _safe_macs(gm, args, kwargs)),
         after=Totals(count_ops(final), count_params(final), _safe_macs(final, args, kwargs)),
+        graph=op_strip(gm.graph.nodes),
     )
     report.not_folded += [
         Skipped(_name(r.value), "failed-check", "folded result differed from the original; undone", list(r.labels))
