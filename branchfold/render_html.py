@@ -45,7 +45,8 @@ def render_html(report: Mapping[str, Any], title: str = "branchfold") -> str:
         _fusions(report.get("fusions") or {}),
         _notes(report.get("notes") or []),
     ]
-    data = json.dumps(report, default=str).replace("</", "<\\/")
+    # markup characters as JSON escapes: no text in the data can end or open an element
+    data = json.dumps(report, default=str).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"

@@ -1,0 +1,133 @@
+"""The HTML report page: every region and every reason of the report is on it, identical regions are grouped,
+it is one self-contained file, and it is a pure function of the report's plain data."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from branchfold import fold_with_report
+from branchfold.render_html import group_regions, render_html, span
+from branchfold.report import FoldedRegion, FoldReport, Skipped, Totals
+from branchfold.report_data import Step
+from branchfold.zoo import ZOO
+
+
+@pytest.fixture(scope="module")
+def repvgg_report() -> FoldReport:
+    entry = ZOO["repvgg"]
+    model = entry.build().eval()
+    return fold_with_report(model, entry.example_input(model, 2)).report
+
+
+def _region(at: str, place: str, kind: str = "parallel-sum") -> FoldedRegion:
+    steps = [Step("Linear 8→8", "affine", [-1]), Step("Linear 8→8", "affine", [-1]), Step("+", "add", [0, 1])]
+    return FoldedRegion(kind, ["linear", "linear", "add"], at, 144, 64, steps, "Linear 8→8", place, [at])
+
+
+def made_up_report() -> FoldReport:
+    """Every kind of entry the page draws: repeated regions, a horizontal group, skipped and undone places."""
+    folded = [_region(f"add_{i}", f"blocks.{i}.mlp") for i in range(12)]
+    folded.append(FoldedRegion("horizontal", ["q", "k", "v"], "norm", 0, 0))
+    chain = [Step("Conv 3x3 s1 8→8", "affine", [-1]), Step("BN 8", "affine", [0])]
+    folded.append(FoldedRegion("chain", ["conv", "bn"], "bn_out", 576, 576, chain, "Conv 3x3 s1 8→8", "stem", []))
+    skipped = [Skipped(f"mul_{i}", "broadcast", "constant varies along several axes", ["mul"], f"blocks.{i}")
+               for i in range(5)]  # fmt: skip
+    skipped += [
+        Skipped("conv_9", "padding-border", "shift before a zero-padded conv", ["bn", "conv"], "head"),
+        Skipped("add_13", "failed-check", "folded result differed from the original; undone", ["linear"]),
+        Skipped("add_14", "lost-fusion", "onnxruntime fuses 4 BiasGelu in the original, 0 after", ["linear"]),
+    ]
+    graph = [[f"add_{i}", "add", f"blocks.{i}.mlp"] for i in range(12)] + [["mul_0", "mul", "blocks.0"]]
+    return FoldReport(
+        folded, skipped, Totals(100, 5000, 90000), Totals(40, 2000, 30000), 3e-7, 1e-5, verified=True,
+        notes=["a <note> & more"], checked_batches=[2, 1], graph=graph, stages={"folding": 0.5, "verifying": 1.5},
+        fusions={"before": {"Gelu": 4, "FusedConv": 2}, "after": {"Gelu": 4, "FusedConv": 1}},
+    )  # fmt: skip
+
+
+def test_every_region_and_every_reason_of_a_zoo_model_is_on_the_page(repvgg_report):
+    page = repvgg_report.to_html("repvgg")
+    assert repvgg_report.folded and len(re.findall(r'data-region="\d+"', page)) == len(repvgg_report.folded)
+    for region in repvgg_report.folded:
+        assert f"<code>{region.at}</code>" in page
+        assert region.became and region.became in page
+    counts = [int(n) for n in re.findall(r'<article class="card region"[^>]*data-count="(\d+)"', page)]
+    assert sum(counts) == len(repvgg_report.folded)
+    assert "Conv 3x3 s1" in page and "BN " in page  # the branches as a person names them
+
+
+def test_every_reason_has_its_section_with_its_count_and_places():
+    report = made_up_report()
+    page = report.to_html()
+    for reason, count in report.skipped_by_reason().items():
+        assert re.search(rf'<details class="reason"[^>]*data-reason="{reason}" data-count="{count}"', page), reason
+    for s in report.not_folded:
+        assert s.at in page and s.detail.split(";")[0] in page
+    assert 'id="undone"' in page and "verification failed" in page and "fused less" in page
+    assert "broadcast <b>5</b>" in page  # the filter chip with the count
+    assert "blocks 0–4" in page  # five places grouped, not five rows
+
+
+def test_identical_regions_are_one_card_with_their_count_and_blocks():
+    report = made_up_report()
+    groups = group_regions(report.to_dict()["folded"])
+    assert [len(g) for g in groups] == [12, 1, 1]
+    page = report.to_html()
+    assert "× 12" in page and "blocks 0–11 · mlp" in page
+    assert page.count('class="region-svg"') == 3  # one drawing per shape, not per region
+
+
+def test_the_page_is_self_contained_and_escapes_what_it_shows():
+    report = made_up_report()
+    report.folded[0].at = "</script><script>alert(1)</script>"
+    page = report.to_html()
+    assert not re.search(r"\b(src|href)=\"(https?:)?//", page) and "<link" not in page and "@import" not in page
+    assert "<script>alert(1)" not in page
+    assert "a &lt;note&gt; &amp; more" in page
+    data = re.search(r'<script type="application/json" id="report-data">(.*?)</script>', page, re.S).group(1)
+    assert json.loads(data)["folded"][0]["at"] == report.folded[0].at
+
+
+def test_a_report_read_back_from_json_renders_the_same(repvgg_report):
+    for report in (repvgg_report, made_up_report()):
+        again = json.loads(json.dumps(report.to_dict()))
+        assert render_html(again, "t") == report.to_html("t")
+    assert "folded regions" in repvgg_report.render()  # the text table still works
+
+
+def test_the_strip_marks_folded_skipped_and_undone_places():
+    page = made_up_report().to_html()
+    strip = re.search(r'<svg class="strip".*?</svg>', page, re.S).group(0)
+    assert 'viewBox="0 0 13 20"' in strip
+    assert strip.count('fill="#2e9d5b"') >= 1 and strip.count('fill="#e39b2d"') == 1  # folded run, mul_0
+    assert 'href="#group-0"' in strip
+
+
+def test_fusions_verification_and_stages_are_shown():
+    page = made_up_report().to_html()
+    fusions = re.search(r'<section id="fusions">.*?</section>', page, re.S).group(0)
+    assert "FusedConv" in fusions and "fewer" in fusions and "Gelu" in fusions
+    assert "3.00e-07" in page and "1e-05" in page and "batch sizes 2, 1" in page
+    assert "verifying" in page and "1.50 s" in page
+
+
+def test_span_names_the_varying_block_index():
+    assert span(["blocks.0.attn", "blocks.1.attn", "blocks.2.attn", "blocks.5.attn"]) == "blocks 0–2, 5 · attn"
+    assert span(["layers.3", "layers.4"]) == "layers 3, 4"
+    assert span(["blocks.0.attn.q", "blocks.1.attn.k"]) == "blocks 0, 1 · attn.k, attn.q"
+    assert span(["stem", "head"]) == "2 places" and span(["", ""]) == "" and span(["stem"]) == "stem"
+
+
+def test_a_failed_verification_is_said_at_the_top():
+    report = made_up_report()
+    report.verified, report.max_error = False, 0.5
+    page = report.to_html()
+    assert "verification failed" in page.split("</header>")[0] and "<b>above</b>" in page
+
+
+def test_an_empty_report_renders():
+    page = FoldReport().to_html()
+    assert "Nothing folded" in page and "not verified" in page
