@@ -120,6 +120,7 @@ def fold_onnx(
         current, outcome, failed = _verified(folds, current, checker, say)
         undone += failed
     guarded = (verify and runtime_guard) or transformer_guard is not None
+    guard: FusionGuard | None = None
     if guarded and (outcome is None or outcome.ok) and (current.result.regions or current.fused.fused):
         say("comparing onnxruntime's fusions with the original's")
         guard = FusionGuard(original, runtime=verify and runtime_guard, transformer=transformer_guard)
@@ -133,6 +134,7 @@ def fold_onnx(
             if not outcome.ok and (current.result.regions or current.fused.fused):
                 current, outcome, failed = _unfolded(folds, current, checker, say)
                 undone += failed
+    fusions = guard.kernels(current.model) if guard else {}
     say("writing the report")
     result = current.result
     report = FoldReport(
@@ -142,6 +144,7 @@ def fold_onnx(
         after=totals(current.model),
         notes=notes,
         graph=op_strip(original.graph),
+        fusions=fusions,
     )
     report.not_folded[:0] = undone  # rewrites undone come first: the rendered table shows the first few
     add_horizontal(report, current.fused)
