@@ -352,8 +352,9 @@ def _instance_groups(items: Sequence[Mapping[str, Any]]) -> list[list[Mapping[st
     """Entries with the same reason, detail and ops together (a refusal repeated in every block)."""
     groups: dict[tuple, list[Mapping[str, Any]]] = {}
     for s in items:
-        detail = re.sub(r"\d+", "#", s.get("detail", "")) if s.get("place") else s.get("detail", "")
-        groups.setdefault((s.get("reason"), detail, tuple(s.get("ops") or ())), []).append(s)
+        detail = re.sub(r"\d+", "#", s.get("detail", ""))
+        ops = tuple(re.sub(r"\d+", "#", o) for o in s.get("ops") or ())
+        groups.setdefault((s.get("reason"), detail, ops), []).append(s)
     return list(groups.values())
 
 
@@ -368,7 +369,8 @@ def _reason_table(reason: str, items: Sequence[Mapping[str, Any]], section: str)
         rows.append(
             f"<tr class=\"row\" data-reason=\"{escape(reason)}\" data-search=\"{escape(search)}\">"
             f"<td class=\"num\">{count}</td><td>{escape(where)}<div class=\"ats\"><code>{escape(ats)}</code></div></td>"
-            f"<td>{escape(s.get('detail', ''))}</td><td>{escape(' '.join(s.get('ops') or ()))}</td></tr>"
+            f"<td>{'e.g. ' if len({x.get('detail') for x in group}) > 1 else ''}{escape(s.get('detail', ''))}</td>"
+            f"<td>{escape(' '.join(s.get('ops') or ()))}</td></tr>"
         )
     return (
         f"<details class=\"reason\" id=\"{section}-{_slug(reason)}\" data-reason=\"{escape(reason)}\" "

@@ -85,6 +85,9 @@ def steps_of(parts: Sequence[Op]) -> list[Step]:
         Step(describe_op(op), op.kind, [index.get(v, -1) for v in op.inputs]) for op in parts
     ]
     _name_low_rank(parts, steps)
+    for op, step in zip(parts, steps):  # a shift right after a linear op is its bias (ONNX MatMul + Add)
+        if op.label == "shift" and step.inputs[0] >= 0 and isinstance(parts[step.inputs[0]].map, (Dense, Conv)):
+            step.label = step.label.replace("+ const", "+ bias")
     return steps
 
 

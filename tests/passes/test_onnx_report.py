@@ -42,3 +42,13 @@ def test_the_onnx_report_has_the_graph_stages_drawing_and_fused_kernels(make_onn
 def test_no_fused_kernels_without_the_runtime_guard(make_onnx):
     report = fold_with_report(_branches(make_onnx), runtime_guard=False).report
     assert report.fusions == {} and 'id="fusions"' not in report.to_html()
+
+
+def test_a_matmul_bias_add_reads_as_a_bias(make_onnx):
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["a"]), helper.make_node("Add", ["a", "b0"], ["ab"]),
+             helper.make_node("MatMul", ["x", "w1"], ["c"]), helper.make_node("Add", ["ab", "c"], ["y"])]  # fmt: skip
+    inits = {"w0": R.standard_normal((32, 16)).astype(np.float32), "b0": R.standard_normal(16).astype(np.float32),
+             "w1": R.standard_normal((32, 16)).astype(np.float32)}  # fmt: skip
+    report = fold_with_report(make_onnx(nodes, [("x", [4, 32])], [("y", [4, 16])], inits)).report
+    (region,) = report.folded
+    assert [s.label for s in region.steps] == ["Linear 32→16", "+ bias 16", "Linear 32→16", "+"]
