@@ -237,7 +237,8 @@ def _strip(report, groups, skipped, undone) -> str:
     graph = report.get("graph") or []
     if not graph:
         return ""
-    index = {entry[0]: i for i, entry in enumerate(graph)}
+    index = {entry[3]: i for i, entry in enumerate(graph) if len(entry) > 3 and entry[3]}  # outputs, targets
+    index |= {entry[0]: i for i, entry in enumerate(graph)}
     status: dict[int, tuple[str, str, str]] = {}  # position -> (status, tooltip, anchor)
 
     def mark(names, state, tip, anchor):

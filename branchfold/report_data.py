@@ -175,9 +175,19 @@ def op_type(node) -> str:
     return getattr(target, "__name__", str(target)).split(".")[0]
 
 
+def _alias(node) -> str:
+    """The other name a report may give a node: an ONNX node's first output, an FX module call's target."""
+    outputs = getattr(node, "outputs", None)
+    if outputs:
+        return getattr(outputs[0], "name", None) or ""
+    target = getattr(node, "target", None)
+    return target if getattr(node, "op", "") == "call_module" and isinstance(target, str) else ""
+
+
 def op_strip(nodes: Iterable) -> list[list[str]]:
-    """The graph's ops in execution order as ``[name, type, place]``, for the report's strip of the model
-    (FX placeholders, outputs and bookkeeping left out, as the report's op counts leave them out)."""
+    """The graph's ops in execution order as ``[name, type, place, alias]``, for the report's strip of the
+    model (FX placeholders, outputs and bookkeeping left out, as the report's op counts leave them out);
+    ``alias`` is the value or module name a report entry may use instead of the node's (``_alias``)."""
     strip = []
     for node in nodes:
         fx_op = getattr(node, "op", None)
@@ -188,5 +198,5 @@ def op_strip(nodes: Iterable) -> list[list[str]]:
         target = getattr(target, "__name__", str(target))
         if isinstance(fx_op, str) and (kind.startswith(_BOOKKEEPING) or target.startswith(_BOOKKEEPING)):
             continue
-        strip.append([name_of(node), kind, place_of(node)])
+        strip.append([name_of(node), kind, place_of(node), _alias(node)])
     return strip

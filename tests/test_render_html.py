@@ -41,6 +41,7 @@ def made_up_report() -> FoldReport:
         Skipped("add_14", "lost-fusion", "onnxruntime fuses 4 BiasGelu in the original, 0 after", ["linear"]),
     ]
     graph = [[f"add_{i}", "add", f"blocks.{i}.mlp"] for i in range(12)] + [["mul_0", "mul", "blocks.0"]]
+    graph.append(["node_13", "Add", "blocks.12", "add_13"])  # found by its output's name
     return FoldReport(
         folded, skipped, Totals(100, 5000, 90000), Totals(40, 2000, 30000), 3e-7, 1e-5, verified=True,
         notes=["a <note> & more"], checked_batches=[2, 1], graph=graph, stages={"folding": 0.5, "verifying": 1.5},
@@ -101,8 +102,9 @@ def test_a_report_read_back_from_json_renders_the_same(repvgg_report):
 def test_the_strip_marks_folded_skipped_and_undone_places():
     page = made_up_report().to_html()
     strip = re.search(r'<svg class="strip".*?</svg>', page, re.S).group(0)
-    assert 'viewBox="0 0 13 20"' in strip
+    assert 'viewBox="0 0 14 20"' in strip
     assert strip.count('fill="#2e9d5b"') >= 1 and strip.count('fill="#e39b2d"') == 1  # folded run, mul_0
+    assert strip.count('fill="#d64545"') == 1 and "failed-check: add_13" in strip
     assert 'href="#group-0"' in strip
 
 
