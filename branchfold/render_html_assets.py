@@ -1,7 +1,7 @@
 """The HTML report's inline style sheet and script (kept apart from the markup that ``render_html`` writes).
 
 The script does two things: the filter (a search box and one chip per reason, which hide what does not
-match), and a self-check run on load that compares the page with the report data embedded in it (every
+match; a link can set either, ``page.html#reason=geometry``, ``page.html#filter=blocks.3``), and a self-check run on load that compares the page with the report data embedded in it (every
 region counted once, every reason present) and writes its verdict into ``body[data-selfcheck]``, with any
 script error in ``body[data-jserror]``: a headless browser's dump of the DOM then says whether the page works.
 """
@@ -111,6 +111,10 @@ SCRIPT = r"""
       apply();
     });
   });
+  // a link can carry a filter: page.html#reason=geometry or page.html#filter=blocks.3
+  var hash = decodeURIComponent(location.hash.slice(1));
+  if (hash.indexOf('reason=') === 0) { chosen = hash.slice(7); apply(); }
+  if (hash.indexOf('filter=') === 0 && box) { box.value = hash.slice(7); apply(); }
   function selfcheck() {
     var problems = [];
     var regions = 0;

@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from helpers import made_up_report
 
 from branchfold import fold_with_report
 from branchfold.zoo import ZOO
@@ -18,11 +19,11 @@ CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on this machine (.ci/run installs it)")
 
 
-def chromium(page: Path, tmp_path: Path, *flags: str) -> tuple[str, list[str]]:
-    """Load ``page`` headless; return stdout and the console messages Chromium logged."""
+def chromium(page: Path, tmp_path: Path, *flags: str, fragment: str = "") -> tuple[str, list[str]]:
+    """Load ``page`` (with ``#fragment``) headless; return stdout and the console messages Chromium logged."""
     profile = tmp_path / "profile"  # one profile per run: parallel test workers never share a lock
     cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--hide-scrollbars",
-           "--enable-logging=stderr", "--v=0", f"--user-data-dir={profile}", *flags, page.as_uri()]  # fmt: skip
+           "--enable-logging=stderr", "--v=0", f"--user-data-dir={profile}", *flags, page.as_uri() + (f"#{fragment}" if fragment else "")]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=180, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     console = [line for line in done.stderr.splitlines() if ":CONSOLE" in line]
@@ -71,3 +72,14 @@ def test_the_self_check_and_the_console_catch_a_broken_page(page_file, tmp_path)
     dom, console = chromium(bad, tmp_path, "--dump-dom")
     assert selfcheck(dom).startswith("failed: regions on the page")
     assert any("notDefined" in line for line in console)
+
+
+def test_a_link_filters_the_page_by_reason(tmp_path):
+    page = tmp_path / "made_up.html"
+    page.write_text(made_up_report().to_html(), encoding="utf-8")
+    dom, console = chromium(page, tmp_path, "--dump-dom", fragment="reason=broadcast")
+    assert console == [] and selfcheck(dom) == "ok"
+    sections = re.findall(r'<details class="reason([^"]*)" id="[^"]*" data-reason="([^"]*)"', dom)
+    assert len(sections) == 4  # broadcast, padding-border, and the two undone
+    assert {reason for cls, reason in sections if "hidden" not in cls} == {"broadcast"}
+    assert re.search(r'<article class="card region hidden"', dom)  # regions hidden while a reason is chosen
