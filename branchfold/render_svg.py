@@ -36,6 +36,23 @@ def _collapse_sums(steps: Sequence[Mapping[str, Any]]) -> dict[int, list[tuple[i
     return {i: operands(i, "+") for i, s in enumerate(steps) if is_sum[i] and i not in read_by_sum}
 
 
+def _with_identities(steps: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The steps with an ``identity`` box on each operand of a sum that is the source itself (``x + f(x)``):
+    a shortcut drawn as a branch of its own, as people draw RepVGG's identity."""
+    out: list[dict[str, Any]] = []
+    new_index: dict[int, int] = {}
+    for i, s in enumerate(steps):
+        inputs = [new_index.get(j, j) for j in s.get("inputs") or ()]
+        if s.get("op") in ("add", "sub"):
+            for k, j in enumerate(inputs):
+                if j == -1:
+                    out.append({"label": "identity", "op": "affine", "inputs": [-1]})
+                    inputs[k] = len(out) - 1
+        out.append({**s, "inputs": inputs})
+        new_index[i] = len(out) - 1
+    return out
+
+
 def _layout(steps: Sequence[Mapping[str, Any]]):
     """Nodes (id, label, kind) with columns, and edges (from, to, sign), the source being node -1."""
     sums = _collapse_sums(steps)
@@ -68,6 +85,7 @@ def region_svg(region: Mapping[str, Any]) -> str:
         steps = [{"label": o, "op": "affine", "inputs": [-1]} for o in ops]
         result = region.get("became") or f"one op + Split into {len(ops)}"
     else:
+        steps = _with_identities(steps)
         result = region.get("became") or "one op"
     col, edges, sums = _layout(steps)
     last = max(col.values())

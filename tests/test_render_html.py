@@ -106,3 +106,13 @@ def test_a_failed_verification_is_said_at_the_top():
 def test_an_empty_report_renders():
     page = FoldReport().to_html()
     assert "Nothing folded" in page and "not verified" in page
+
+
+def test_a_shortcut_into_a_sum_is_drawn_as_an_identity_branch():
+    from branchfold.render_svg import region_svg
+
+    residual = {"steps": [{"label": "Linear 8→8", "op": "affine", "inputs": [-1]},
+                          {"label": "+", "op": "add", "inputs": [-1, 0]}], "became": "Linear 8→8"}  # fmt: skip
+    svg = region_svg(residual)
+    assert svg.count(">identity</text>") == 1 and svg.count('class="sum"') == 1
+    assert region_svg({**residual, "steps": residual["steps"][:1]}).count(">identity</text>") == 0
