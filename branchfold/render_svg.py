@@ -108,7 +108,8 @@ def region_svg(region: Mapping[str, Any]) -> str:
             w = 2 * SUM_R if n in sums else widths[c]
             left = x0[c] + (widths[c] - w) / 2
             pos[n] = (left, top + r * (BOX_H + ROW_GAP) + BOX_H / 2, w)
-    finals = [len(steps) - 1] if region.get("steps") else list(range(len(steps)))
+    read = {a for a, _, _ in edges}
+    finals = [n for n in col if n >= 0 and n not in read]  # the region's value (a horizontal group: every member)
     arrow_x = x
     result_w = len(result) * CHAR_W + 2 * PAD
     width = arrow_x + 36 + result_w + PAD

@@ -96,3 +96,12 @@ def region_report(r: Region, at: str) -> FoldedRegion:
 
 def skipped_report(n: NotFolded, at: str) -> Skipped:
     return Skipped(at, n.category, n.detail, list(n.labels), place=place_of(n.where), node=name_of(n.where))
+
+
+def horizontal_report(ops: list[str], source: str, sizes: tuple[int, ...], kind: str) -> FoldedRegion:
+    """A fused sibling group as the report shows it: each member's output width, and the wide op + split."""
+    word = "Conv" if kind == "conv" else "Linear"
+    steps = [Step(f"{word} →{n}", "affine", [-1]) for n in sizes]
+    became = f"{word} →{sum(sizes)} + Split {'/'.join(str(n) for n in sizes)}"
+    return FoldedRegion("horizontal", list(ops), source, 0, 0, steps=steps, became=became, nodes=list(ops))
+

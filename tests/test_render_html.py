@@ -116,3 +116,13 @@ def test_a_shortcut_into_a_sum_is_drawn_as_an_identity_branch():
     svg = region_svg(residual)
     assert svg.count(">identity</text>") == 1 and svg.count('class="sum"') == 1
     assert region_svg({**residual, "steps": residual["steps"][:1]}).count(">identity</text>") == 0
+
+
+def test_a_horizontal_group_is_drawn_as_its_members_and_the_wide_op():
+    from branchfold.report import horizontal_report
+
+    report = FoldReport(folded=[horizontal_report(["q", "k", "v"], "ln", (64, 64, 128), "dense")])
+    page = report.to_html()
+    assert "Linear →256 + Split 64/64/128" in page and page.count("Linear →64<") == 2
+    svg = re.search(r'<svg class="region-svg".*?</svg>', page, re.S).group(0)
+    assert svg.count('class="edge"') == 6  # input to each member, each member to the wide op

@@ -30,7 +30,7 @@ from branchfold.passes.fx_eager_calls import EagerCallsPass
 from branchfold.passes.fx_horizontal import HorizontalFusionPass
 from branchfold.passes.undo import bisect_passing, only
 from branchfold.patterns.horizontal import HorizontalMode, HorizontalResult, check_mode
-from branchfold.report import FoldedRegion, FoldReport, Skipped, Totals, region_report, skipped_report
+from branchfold.report import FoldReport, Skipped, Totals, horizontal_report, region_report, skipped_report
 from branchfold.report_data import op_strip
 from branchfold.rewriter.region import Region
 
@@ -342,7 +342,7 @@ def add_horizontal(report: FoldReport, result: HorizontalResult) -> None:
     """Fused sibling groups as ``horizontal`` regions; groups the policy left alone as skipped."""
     for g in result.groups:
         if g.fused:
-            report.folded.append(FoldedRegion("horizontal", g.ops, g.source, 0, 0))
+            report.folded.append(horizontal_report(g.ops, g.source, g.sizes, g.kind))
         else:
             report.not_folded.append(Skipped(g.source, "horizontal-policy", g.reason, g.ops))
 
