@@ -1,4 +1,4 @@
-"""What a fold did, in a form for people (rich table) and for programs (``to_dict``)."""
+"""What a fold did, in a form for people (a rich table, an HTML page) and for programs (``to_dict``)."""
 
 from __future__ import annotations
 

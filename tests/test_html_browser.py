@@ -22,8 +22,9 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on this ma
 def chromium(page: Path, tmp_path: Path, *flags: str, fragment: str = "") -> tuple[str, list[str]]:
     """Load ``page`` (with ``#fragment``) headless; return stdout and the console messages Chromium logged."""
     profile = tmp_path / "profile"  # one profile per run: parallel test workers never share a lock
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--hide-scrollbars",
-           "--enable-logging=stderr", "--v=0", f"--user-data-dir={profile}", *flags, page.as_uri() + (f"#{fragment}" if fragment else "")]  # fmt: skip
+    url = page.as_uri() + (f"#{fragment}" if fragment else "")
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+           "--hide-scrollbars", "--enable-logging=stderr", "--v=0", f"--user-data-dir={profile}", *flags, url]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=180, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     console = [line for line in done.stderr.splitlines() if ":CONSOLE" in line]
