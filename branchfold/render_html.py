@@ -193,7 +193,7 @@ def _verification(report: Mapping[str, Any]) -> str:
         verdict = "within" if report.get("verified") else "<b>above</b>"
         parts.append(
             f"<p>Largest relative error against the original: <b>{err:.2e}</b>, {verdict} the tolerance "
-            f"{tol:.0e}.</p>{_error_gauge(err, tol)}"
+            f"{tol if tol is None else format(tol, '.0e')}.</p>{_error_gauge(err, tol)}"
         )
         batches = report.get("checked_batches") or []
         sets = "the example inputs and random inputs of the same shapes"
@@ -203,7 +203,7 @@ def _verification(report: Mapping[str, Any]) -> str:
     if report.get("error_vs_fp32") is not None:
         parts.append(
             f"<p>Against an fp32 reference: folded {report['error_vs_fp32']:.2e}, "
-            f"original {report.get('original_error_vs_fp32', 0):.2e}.</p>"
+            f"original {report.get('original_error_vs_fp32') or 0.0:.2e}.</p>"
         )
     stages = report.get("stages") or {}
     if stages:

@@ -126,3 +126,10 @@ def test_a_horizontal_group_is_drawn_as_its_members_and_the_wide_op():
     assert "Linear →256 + Split 64/64/128" in page and page.count("Linear →64<") == 2
     svg = re.search(r'<svg class="region-svg".*?</svg>', page, re.S).group(0)
     assert svg.count('class="edge"') == 6  # input to each member, each member to the wide op
+
+
+def test_partial_data_renders_and_low_precision_errors_are_shown():
+    report = made_up_report().to_dict()
+    report.update(tolerance=None, error_vs_fp32=2e-3, original_error_vs_fp32=None, graph=[], stages={})
+    page = render_html(report)
+    assert "Against an fp32 reference: folded 2.00e-03" in page and 'id="where"' not in page
