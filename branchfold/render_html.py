@@ -196,7 +196,7 @@ def _verification(report: Mapping[str, Any]) -> str:
             f"{tol if tol is None else format(tol, '.0e')}.</p>{_error_gauge(err, tol)}"
         )
         batches = report.get("checked_batches") or []
-        sets = "the example inputs and random inputs of the same shapes"
+        sets = report.get("checked_inputs") or "the example inputs and random inputs of the same shapes"
         if batches:
             sets += f", at batch size{'s' if len(batches) > 1 else ''} {', '.join(str(b) for b in batches)}"
         parts.append(f"<p>Checked on {sets}.</p>")

@@ -54,6 +54,7 @@ class FoldReport:
     verified: bool = False
     notes: list[str] = field(default_factory=list)
     checked_batches: list[int] = field(default_factory=list)  # batch sizes the check ran the folded model at
+    checked_inputs: str = ""  # what the check ran on, in words ("3 input sets: the example and random ...")
     graph: list[list[str]] = field(default_factory=list)  # the original's ops in order: [name, type, place, alias]
     stages: dict[str, float] = field(default_factory=dict)  # seconds per stage of the fold
     fusions: dict[str, dict[str, int]] = field(default_factory=dict)  # ONNX: {"before"/"after": {kernel: n}}

@@ -150,6 +150,7 @@ def fold_module(
     if outcome is not None:
         batches = (example_batch(a, k) for a, k in input_sets)
         report.checked_batches = list(dict.fromkeys(b for b in batches if b is not None))
+        report.checked_inputs = f"{len(input_sets)} input sets: the example and random inputs of its shapes"
     if verify_result and _float_dtype(model) in LOW_PRECISION:
         _low_precision_errors(report, reference, final, input_sets)  # the copy where running updates buffers
     if ref_outputs is not None:

@@ -32,6 +32,7 @@ def test_the_onnx_report_has_the_graph_stages_drawing_and_fused_kernels(make_onn
     assert [g[0] for g in report.graph] == ["/blocks.0/dense/Conv", "/blocks.0/point/Conv", "/blocks.0/Add",
                                             "/blocks.0/act/Relu"]  # fmt: skip
     assert {"folding", "verifying with onnxruntime"} <= set(report.stages)
+    assert report.checked_inputs.startswith("3 random input sets")  # random_checks=2 plus one
     before, after = report.fusions["before"], report.fusions["after"]
     assert sum(before.values()) > sum(after.values()) > 0  # two convs became one, the Relu still fused
     assert any("Relu" in k for k in after)
