@@ -408,7 +408,8 @@ def _skipped(skipped) -> str:
         for r, v in reasons.items()
     )
     tables = "".join(_reason_table(r, items, "reason") for r, items in reasons.items())
-    intro = f"<p>{len(skipped)} places where something looked foldable and was left as it was, by reason.</p>"
+    n = len(skipped)
+    intro = f"<p>{n} place{'s' if n != 1 else ''} where something looked foldable and was left as it was, by reason.</p>"
     return _section("skipped", "Not folded", f"{intro}<div class=\"chips\">{chips}</div>{tables}")
 
 
