@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import inspect
 import os
+import time
 from collections.abc import Sequence
 from typing import Any
 
 from branchfold.errors import InputError
 from branchfold.passes.pipeline import FoldResult, fold_module
+from branchfold.stages import StageClock
 
 
 def fold_with_report(model: Any, args: Sequence = (), kwargs: dict | None = None, **options) -> FoldResult:
@@ -25,14 +27,24 @@ def fold_with_report(model: Any, args: Sequence = (), kwargs: dict | None = None
     for ONNX ``horizontal``, ``progress``, ``output``, ``base_dir`` (a ``ModelProto``'s folder, for its
     external data) and ``external_data``.
     """
-    import torch
-
+    start = time.perf_counter()
     if isinstance(model, (str, os.PathLike)) or _is_onnx(model):
         from branchfold.passes.onnx_pipeline import fold_onnx
 
         if args or kwargs:
             raise InputError("an ONNX model takes no example inputs: its declared input shapes are used")
-        return fold_onnx(model, **_checked(fold_onnx, options, "an ONNX model"))
+        clock = StageClock(options.get("progress"))
+        result = fold_onnx(model, **_checked(fold_onnx, {**options, "progress": clock}, "an ONNX model"))
+        result.report.stages = clock.finish()
+        return result
+    result = _fold_torch(model, args, kwargs, options)
+    result.report.stages = {"capture, fold and verify": time.perf_counter() - start}
+    return result
+
+
+def _fold_torch(model: Any, args: Sequence, kwargs: dict | None, options: dict) -> FoldResult:
+    import torch
+
     if isinstance(model, torch.export.ExportedProgram):
         from branchfold.passes.export_pipeline import fold_exported_program
 

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from branchfold.errors import BranchfoldError, InputError
+from branchfold.stages import StageClock
 
 LARGE_MODEL_BYTES = 50 * 2**20  # show progress for files at least this big (or with many nodes)
 LARGE_MODEL_NODES = 2000
@@ -33,6 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     target.add_argument("--in-place", action="store_true", help="write over the input file instead")
     f.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    f.add_argument("--html", metavar="PAGE.html", help="also write the report as a self-contained HTML page")
     f.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check against the original")
     f.add_argument("--tolerance", type=float, default=None, help="largest relative error accepted")
     f.add_argument("--seed", type=int, default=0, help="seed of the random check inputs")
@@ -82,17 +84,26 @@ def _fold(args: argparse.Namespace) -> int:
         raise InputError(f"output folder {out.parent} does not exist")
     if src.is_file() and not args.in_place:
         _refuse_overwriting_input_data(src, out)
+    page = Path(args.html) if args.html else None
+    if page is not None and (page.is_dir() or not page.parent.is_dir()):
+        raise InputError(f"cannot write the HTML report to {page}: its folder does not exist or it is a folder")
     with _progress(args, src) as say:
+        say = StageClock(say)
         result = fold_onnx(
             src, verify=not args.no_verify, tolerance=args.tolerance, seed=args.seed, progress=say,
             horizontal=args.horizontal, runtime_guard=not args.no_runtime_guard,
             transformer_guard=args.transformer_model_type, output=out,
         )  # fmt: skip
+        result.report.stages = say.finish()
+    title = f"branchfold: {args.input} -> {args.output or args.input}"
+    if page is not None:
+        page.write_text(result.report.to_html(title=title), encoding="utf-8")
+        print(f"branchfold: report page written to {page}", file=sys.stderr)
     if args.json:
         print(json.dumps(result.report.to_dict(), indent=2))
     else:
         width = shutil.get_terminal_size().columns if sys.stdout.isatty() else None
-        print(result.report.render(title=f"branchfold: {args.input} -> {args.output or args.input}", width=width))
+        print(result.report.render(title=title, width=width))
     return 0
 
 

@@ -2,7 +2,8 @@
 
 A seed-style multi-branch ViT (every linear trained as K parallel linears) and a RepVGG-style CNN
 are folded and verified, and the report shows ops/params/MACs before → after, the error, and the
-speed of the folded model against the original, measured side by side.
+speed of the folded model against the original, measured side by side. Each model's report is also
+written as an HTML page (``--html-dir``, default ``branchfold-reports/``).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from rich.console import Console
@@ -20,7 +22,7 @@ from branchfold.timing import interleaved
 DEMO_MODELS = ("seed-vit", "repvgg")
 
 
-def run_one(name: str, console: Console, batch: int, runs: int) -> dict:
+def run_one(name: str, console: Console, batch: int, runs: int, html_dir: Path | None = None) -> dict:
     from branchfold.zoo import ZOO
 
     entry = ZOO[name]
@@ -33,6 +35,10 @@ def run_one(name: str, console: Console, batch: int, runs: int) -> dict:
     console.print(
         result.report.render(title=f"{name}: folded in {fold_seconds:.1f}s (capture, fold, verify)")
     )
+    if html_dir is not None:
+        page = html_dir / f"{name}.html"
+        page.write_text(result.report.to_html(title=f"branchfold: {name}"), encoding="utf-8")
+        console.print(f"report page: {page}", soft_wrap=True)
     with torch.no_grad():
         t = interleaved(
             {"original": lambda: model(*inputs), "folded": lambda: result.model(*inputs)}, rounds=runs
@@ -50,6 +56,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", default=list(DEMO_MODELS), help="zoo models to fold")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--runs", type=int, default=7, help="timed rounds per model (median)")
+    parser.add_argument("--html-dir", default="branchfold-reports",
+                        help="folder for one HTML report page per model (created; '' writes none)")  # fmt: skip
     args = parser.parse_args(argv)
     console = Console()
     from branchfold.zoo import ZOO
@@ -58,7 +66,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         console.print(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(ZOO)}")
         return 2
-    rows = [run_one(name, console, args.batch, args.runs) for name in args.models]
+    html_dir = Path(args.html_dir) if args.html_dir else None
+    if html_dir is not None:
+        html_dir.mkdir(parents=True, exist_ok=True)
+    rows = [run_one(name, console, args.batch, args.runs, html_dir) for name in args.models]
     failed = [r["model"] for r in rows if not r["verified"]]
     if failed:
         console.print(f"[red]verification failed for {', '.join(failed)}[/red]")

@@ -17,6 +17,8 @@ from torch import fx, nn
 from branchfold.passes.capture import dynamo_graph
 from branchfold.passes.fx import FoldBranchesPass, ShapePropPass, has_shapes
 from branchfold.passes.pipeline import count_ops
+from branchfold.report import FoldedRegion, FoldReport, Skipped, Totals
+from branchfold.report_data import Step
 from branchfold.rewriter.region import NotFolded, Region
 
 aten = torch.ops.aten
@@ -158,3 +160,34 @@ def unchanged(model: nn.Module, snap: dict[str, torch.Tensor]) -> bool:
 
 __all__ = ["DIALECTS", "Folded", "assert_close", "capture", "copy", "count_kind", "dynamo_graph", "fold_in",
            "fresh", "randomize_bn", "rel_err", "small_bert", "snapshot", "unchanged"]  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------
+# fold reports for the HTML page's tests
+
+
+def _region(at: str, place: str, kind: str = "parallel-sum") -> FoldedRegion:
+    steps = [Step("Linear 8→8", "affine", [-1]), Step("Linear 8→8", "affine", [-1]), Step("+", "add", [0, 1])]
+    return FoldedRegion(kind, ["linear", "linear", "add"], at, 144, 64, steps, "Linear 8→8", place, [at])
+
+
+def made_up_report() -> FoldReport:
+    """Every kind of entry the page draws: repeated regions, a horizontal group, skipped and undone places."""
+    folded = [_region(f"add_{i}", f"blocks.{i}.mlp") for i in range(12)]
+    folded.append(FoldedRegion("horizontal", ["q", "k", "v"], "norm", 0, 0))
+    chain = [Step("Conv 3x3 s1 8→8", "affine", [-1]), Step("BN 8", "affine", [0])]
+    folded.append(FoldedRegion("chain", ["conv", "bn"], "bn_out", 576, 576, chain, "Conv 3x3 s1 8→8", "stem", []))
+    skipped = [Skipped(f"mul_{i}", "broadcast", "constant varies along several axes", ["mul"], f"blocks.{i}")
+               for i in range(5)]  # fmt: skip
+    skipped += [
+        Skipped("conv_9", "padding-border", "shift before a zero-padded conv", ["bn", "conv"], "head"),
+        Skipped("add_13", "failed-check", "folded result differed from the original; undone", ["linear"]),
+        Skipped("add_14", "lost-fusion", "onnxruntime fuses 4 BiasGelu in the original, 0 after", ["linear"]),
+    ]
+    graph = [[f"add_{i}", "add", f"blocks.{i}.mlp"] for i in range(12)] + [["mul_0", "mul", "blocks.0"]]
+    graph.append(["node_13", "Add", "blocks.12", "add_13"])  # found by its output's name
+    return FoldReport(
+        folded, skipped, Totals(100, 5000, 90000), Totals(40, 2000, 30000), 3e-7, 1e-5, verified=True,
+        notes=["a <note> & more"], checked_batches=[2, 1], graph=graph, stages={"folding": 0.5, "verifying": 1.5},
+        fusions={"before": {"Gelu": 4, "FusedConv": 2}, "after": {"Gelu": 4, "FusedConv": 1}},
+    )  # fmt: skip

@@ -172,3 +172,21 @@ def test_progress_auto_shows_for_big_files(model_file, tmp_path, capsys, monkeyp
     monkeypatch.setattr(cli, "LARGE_MODEL_BYTES", model_file.stat().st_size)
     assert run("fold", model_file, "-o", tmp_path / "o.onnx") == 0
     assert "branchfold: folding..." in capsys.readouterr().err
+
+
+def test_html_writes_the_report_page(model_file, tmp_path, capsys):
+    page = tmp_path / "report.html"
+    assert run("fold", model_file, "-o", tmp_path / "o.onnx", "--html", page, "--json") == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)  # stdout stays the JSON; where the page went is said on stderr
+    assert f"report page written to {page}" in captured.err
+    html = page.read_text(encoding="utf-8")
+    assert html.startswith("<!DOCTYPE html>") and 'data-count="1"' in html
+    assert report["folded"][0]["became"] == "Linear 64→64" and "Linear 64→64" in html
+    assert report["stages"] and "folding" in report["stages"]
+
+
+def test_html_into_a_missing_folder_is_one_line_and_nothing_written(model_file, tmp_path, capsys):
+    out = tmp_path / "o.onnx"
+    assert run("fold", model_file, "-o", out, "--html", tmp_path / "no" / "page.html") == 2
+    assert "its folder does not exist" in capsys.readouterr().err and not out.exists()

@@ -18,7 +18,7 @@ class TwoBranches(nn.Module):
         return torch.relu(self.a(x) + self.b(x))
 
 
-def test_demo_folds_verifies_and_times_both_sides_interleaved(monkeypatch, capsys):
+def test_demo_folds_verifies_and_times_both_sides_interleaved(monkeypatch, capsys, tmp_path):
     entry = ZooEntry(
         "tiny", "two summed linears", TwoBranches, lambda m: m, lambda m, b: (torch.randn(b, 8),)
     )
@@ -30,9 +30,12 @@ def test_demo_folds_verifies_and_times_both_sides_interleaved(monkeypatch, capsy
         return timing.interleaved(sides, **kw, min_round_s=0.0, max_calls=1)
 
     monkeypatch.setattr(demo, "interleaved", spy)
-    assert demo.main(["--models", "tiny", "--batch", "2", "--runs", "3"]) == 0
+    pages = tmp_path / "pages"
+    assert demo.main(["--models", "tiny", "--batch", "2", "--runs", "3", "--html-dir", str(pages)]) == 0
     out = capsys.readouterr().out
     assert timed == [("original", "folded")]
+    assert f"report page: {pages / 'tiny.html'}" in out
+    assert 'id="group-0"' in (pages / "tiny.html").read_text()
     assert "folded regions: 1 (parallel-sum: 1)" in out
     assert "median of 3 interleaved rounds" in out and "all folded models verified" in out
 

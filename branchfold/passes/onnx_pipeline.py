@@ -37,6 +37,7 @@ from branchfold.passes.runtime_guard import FusionGuard, Loss, check_transformer
 from branchfold.passes.undo import bisect_passing, only
 from branchfold.patterns.horizontal import HorizontalMode, HorizontalResult, check_mode
 from branchfold.report import FoldReport, Skipped, Totals, region_report, skipped_report
+from branchfold.report_data import op_strip
 from branchfold.rewriter.region import Region
 
 Progress = Callable[[str], None]
@@ -157,6 +158,7 @@ def fold_onnx(
         current, outcome, failed = _verified(folds, current, checker, say)
         undone += failed
     guarded = (verify and runtime_guard) or transformer_guard is not None
+    guard: FusionGuard | None = None
     if guarded and (outcome is None or outcome.ok) and (current.result.regions or current.fused.fused):
         say("comparing onnxruntime's fusions with the original's")
         guard = FusionGuard(original, runtime=verify and runtime_guard, transformer=transformer_guard)
@@ -170,6 +172,7 @@ def fold_onnx(
             if not outcome.ok and (current.result.regions or current.fused.fused):
                 current, outcome, failed = _unfolded(folds, current, checker, say)
                 undone += failed
+    fusions = guard.kernels(current.model) if guard else {}
     say("writing the report")
     result = current.result
     report = FoldReport(
@@ -178,11 +181,14 @@ def fold_onnx(
         before=totals_before,
         after=totals(current.model),
         notes=notes,
+        graph=op_strip(original.graph),
+        fusions=fusions,
     )
     report.not_folded[:0] = undone  # rewrites undone come first: the rendered table shows the first few
     add_horizontal(report, current.fused)
     if outcome is not None:
         report.max_error, report.tolerance, report.verified = outcome.error, outcome.tolerance, outcome.ok
+        report.checked_inputs = f"{len(checker.feeds)} random input sets of the declared shapes (free sizes 2)"
     if output is not None:
         if outcome is not None and not outcome.ok:
             raise BranchfoldError(f"the folded model differs from the original (error {outcome.error:.2e}); nothing written")

@@ -30,7 +30,8 @@ from branchfold.passes.fx_eager_calls import EagerCallsPass
 from branchfold.passes.fx_horizontal import HorizontalFusionPass
 from branchfold.passes.undo import bisect_passing, only
 from branchfold.patterns.horizontal import HorizontalMode, HorizontalResult, check_mode
-from branchfold.report import FoldedRegion, FoldReport, Skipped, Totals, region_report, skipped_report
+from branchfold.report import FoldReport, Skipped, Totals, horizontal_report, region_report, skipped_report
+from branchfold.report_data import op_strip
 from branchfold.rewriter.region import Region
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -149,6 +150,7 @@ def fold_module(
     if outcome is not None:
         batches = (example_batch(a, k) for a, k in input_sets)
         report.checked_batches = list(dict.fromkeys(b for b in batches if b is not None))
+        report.checked_inputs = f"{len(input_sets)} input sets: the example and random inputs of its shapes"
     if verify_result and _float_dtype(model) in LOW_PRECISION:
         _low_precision_errors(report, reference, final, input_sets)  # the copy where running updates buffers
     if ref_outputs is not None:
@@ -341,7 +343,7 @@ def add_horizontal(report: FoldReport, result: HorizontalResult) -> None:
     """Fused sibling groups as ``horizontal`` regions; groups the policy left alone as skipped."""
     for g in result.groups:
         if g.fused:
-            report.folded.append(FoldedRegion("horizontal", g.ops, g.source, 0, 0))
+            report.folded.append(horizontal_report(g.ops, g.source, g.sizes, g.kind))
         else:
             report.not_folded.append(Skipped(g.source, "horizontal-policy", g.reason, g.ops))
 
@@ -352,6 +354,7 @@ def build_report(gm, final, result, undone, args, kwargs, outcome, training) -> 
         not_folded=[skipped_report(n, _name(n.where)) for n in result.not_folded],
         before=Totals(count_ops(gm), count_params(gm), _safe_macs(gm, args, kwargs)),
         after=Totals(count_ops(final), count_params(final), _safe_macs(final, args, kwargs)),
+        graph=op_strip(gm.graph.nodes),
     )
     report.not_folded += [
         Skipped(_name(r.value), "failed-check", "folded result differed from the original; undone", list(r.labels))

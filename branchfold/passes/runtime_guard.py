@@ -78,6 +78,13 @@ class Profile:
 
     fused: Counter[str] = field(default_factory=Counter)
     reorders: int = 0
+    # fused linear ops ("FusedConv + Relu", "Conv (NCHWc)"): shown in the report, never compared (fewer is the point)
+    linear: Counter[str] = field(default_factory=Counter)
+
+    def kernels(self) -> dict[str, int]:
+        """Every fused kernel by kind, and the NCHWc reorders, as the report lists them."""
+        found = {**self.linear, **self.fused}
+        return found | ({"NCHWc reorders": self.reorders} if self.reorders else {})
 
 
 @dataclass(frozen=True)
@@ -151,7 +158,10 @@ def profile_of(nodes: Iterable[onnx.NodeProto], extra_kinds: Iterable[str] = ())
         if node.domain == NCHWC and node.op_type in REORDERS:
             profile.reorders += 1
         elif contrib and _LINEAR.search(node.op_type):
-            continue  # the linear ops a fold merges, with whatever activation the runtime absorbed into them
+            # the linear ops a fold merges, with whatever activation the runtime absorbed into them
+            act = next((a.s.decode() for a in node.attribute if a.name == "activation"), "")
+            layout = " (NCHWc)" if node.domain == NCHWC else ""
+            profile.linear[f"{node.op_type}{layout}{' + ' + act if act else ''}"] += 1
         elif node.domain == CONTRIB or (node.domain in ("", "ai.onnx") and node.op_type in onnx_fused):
             profile.fused[node.op_type] += 1
     return profile
@@ -282,6 +292,7 @@ class FusionGuard:
         self.notes: list[str] = []
         self.tools: dict[str, Callable[[Model], Profile]] = {}
         self.reference: dict[str, Profile] = {}
+        self.last: tuple[Model | None, dict[str, Profile]] = (None, {})  # the last candidate's profiles
         for name, tool in tools.items():
             try:
                 self.reference[name] = tool(original)
@@ -298,14 +309,29 @@ class FusionGuard:
     def losses(self, candidate: Model) -> list[Loss]:
         """The fusions ``candidate`` lost against the original, over every tool."""
         found: list[Loss] = []
+        self.last = (candidate, {})
         for name, tool in self.tools.items():
             try:
                 profile = tool(candidate)
             except Exception as e:  # a candidate the optimizer cannot take has lost every fusion it had
                 found.append(Loss(name, "optimization", 1, 0, failure=_line(e)))
                 continue
+            self.last[1][name] = profile
             found += losses(self.reference[name], profile, name)
         return found
+
+    def kernels(self, final: Model) -> dict[str, dict[str, int]]:
+        """onnxruntime's fused kernels in the original and in ``final`` (for the report), ``{}`` when the
+        runtime was not compared. The last candidate's profile is reused: usually ``final`` is that one."""
+        tool = self.tools.get(RUNTIME)
+        if tool is None:
+            return {}
+        last_model, profiles = self.last
+        try:
+            after = profiles[RUNTIME] if last_model is final and RUNTIME in profiles else tool(final)
+        except Exception:  # the report goes without it; the guard has already judged this model
+            return {}
+        return {"before": self.reference[RUNTIME].kernels(), "after": after.kernels()}
 
 
 def _line(e: BaseException) -> str:

@@ -96,6 +96,8 @@ class Region:
     labels: tuple[str, ...]
     cost_before: int
     cost_after: int
+    # the original ops themselves, in graph order (their maps and wiring draw the region in the report)
+    parts: tuple[Op, ...] = field(default=(), repr=False, compare=False)
 
     @property
     def kind(self) -> str:
@@ -292,7 +294,8 @@ class _Walk:
                 )
                 continue
             labels = tuple(self._label(k) for k in e.ops)
-            regions.append(Region(v, e.source, e.map, e.ops, labels, e.cost, after))
+            parts = tuple(self.by_key[k] for k in e.ops)
+            regions.append(Region(v, e.source, e.map, e.ops, labels, e.cost, after, parts))
         return regions, boundaries, opaque, cost_refusals
 
     def _label(self, key: Hashable) -> str:
