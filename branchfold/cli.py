@@ -17,8 +17,7 @@ from pathlib import Path
 from branchfold.errors import BranchfoldError, InputError
 from branchfold.stages import StageClock
 
-LARGE_MODEL_BYTES = 50 * 2**20  # show progress for files at least this big (or with many nodes)
-LARGE_MODEL_NODES = 2000
+LARGE_MODEL_BYTES = 50 * 2**20  # show progress for files at least this big
 
 
 def _parser() -> argparse.ArgumentParser:
