@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import onnx
@@ -24,32 +24,15 @@ from onnx_ir import external_data as ir_external_data
 
 from branchfold import onnx_weights
 from branchfold.errors import InputError
-from branchfold.onnx_readback import resolve, verify_written
-from branchfold.onnx_wire import WireError, load_weightless
+from branchfold.onnx_readback import region_problem, resolve, verify_written
+from branchfold.onnx_wire import WireError, load_weightless, model_tensors
 
 PROTOBUF_LIMIT = onnx_weights.PROTOBUF_LIMIT  # a serialized ModelProto must stay under 2 GB
 
 
-def _graph_tensors(graph: onnx.GraphProto | onnx.FunctionProto) -> Iterator[onnx.TensorProto]:
-    """Initializers and attribute tensors of a graph and of the subgraphs (If/Loop/Scan bodies) in it."""
-    yield from getattr(graph, "initializer", ())
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-            if attr.HasField("g"):
-                yield from _graph_tensors(attr.g)
-            for sub in attr.graphs:
-                yield from _graph_tensors(sub)
-
-
 def external_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
     """The tensors of ``model`` (main graph, subgraphs, functions) whose data lives in external files."""
-    found = list(_graph_tensors(model.graph))
-    for function in model.functions:
-        found += _graph_tensors(function)
-    return [t for t in found if uses_external_data(t)]
+    return [t for t in model_tensors(model) if uses_external_data(t)]
 
 
 def external_locations(path: str | os.PathLike) -> list[str]:
@@ -80,18 +63,10 @@ def check_file_tensors(model: ir.Model) -> None:
     """The same for a model already in memory: every file-backed tensor must be readable where it points
     (``onnx_ir.load`` resolves them against the model file's folder; a proto's against ``base_dir``)."""
     for t in file_tensors(model):
-        path = Path(t.path)
-        if not path.is_file():
-            raise InputError(
-                f"tensor {t.name!r} points to external data {str(t.location)!r}, which is missing in {path.parent}; "
-                "load the model from its own file (onnx_ir.load(path)) or pass base_dir= its folder"
-            )
-        offset, length, size = t.offset or 0, t.length if t.length is not None else t.nbytes, path.stat().st_size
-        if offset + length > size:
-            raise InputError(
-                f"tensor {t.name!r} needs bytes {offset}..{offset + length} of {str(t.location)!r}, which has {size}: "
-                "the data file is truncated or belongs to another model"
-            )
+        length = t.length if t.length is not None else t.nbytes
+        problem = region_problem(str(t.name), str(t.location), Path(t.path), t.offset or 0, length)
+        if problem:
+            raise InputError(f"{problem}; load the model from its own file (onnx_ir.load(path)) or pass base_dir= its folder")
 
 
 def file_tensors(model: ir.Model) -> list[ir.ExternalTensor]:

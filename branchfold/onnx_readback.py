@@ -19,7 +19,7 @@ import onnx
 import onnx_ir as ir
 
 from branchfold.errors import BranchfoldError
-from branchfold.onnx_wire import load_weightless
+from branchfold.onnx_wire import load_weightless, model_tensors
 
 CHUNK_BYTES = 2**20  # small enough that the heap reuses each chunk's memory for the next
 
@@ -59,17 +59,26 @@ def resolve(folder: Path, tensor: onnx.TensorProto) -> tuple[Path, int, int]:
     path = (root / location).resolve()
     if not location or Path(location).is_absolute() or not path.is_relative_to(root):
         raise ValueError(f"tensor {tensor.name!r} points to {location!r}, outside the model's folder")
-    if not path.is_file():
-        raise ValueError(f"tensor {tensor.name!r} points to {location!r}, which is missing in {root}")
-    size = path.stat().st_size
-    if offset < 0 or offset + length > size:
-        raise ValueError(
-            f"tensor {tensor.name!r} needs bytes {offset}..{offset + length} of {location!r}, which has {size}: "
-            "the data file is truncated or belongs to another model"
-        )
+    problem = region_problem(tensor.name, location, path, offset, length)
+    if problem:
+        raise ValueError(problem)
     if need is not None and length != need:
         raise ValueError(f"tensor {tensor.name!r} is {length} bytes in {location!r}, its shape and type need {need}")
     return path, offset, length
+
+
+def region_problem(name: str, location: str, path: Path, offset: int, length: int) -> str | None:
+    """Why bytes ``offset..offset + length`` of the data file ``path`` cannot be read for tensor ``name``, or
+    None: the file is missing, or ends before them (truncated, or another model's)."""
+    if not path.is_file():
+        return f"tensor {name!r} points to {location!r}, which is missing in {path.parent}"
+    size = path.stat().st_size
+    if offset < 0 or offset + length > size:
+        return (
+            f"tensor {name!r} needs bytes {offset}..{offset + length} of {location!r}, which has {size}: "
+            "the data file is truncated or belongs to another model"
+        )
+    return None
 
 
 class _Files:
@@ -141,7 +150,7 @@ def verify_written(path: str | os.PathLike, model: ir.Model) -> int:
     if set(written) != set(expected):
         missing, extra = sorted(set(expected) - set(written)), sorted(set(written) - set(expected))
         raise WrittenFileMismatch(f"the file written to {p} has other initializers (missing {missing[:3]}, extra {extra[:3]})")
-    stray = [t.name for t in _nested_tensors(proto) if t.data_location == onnx.TensorProto.EXTERNAL]
+    stray = [t.name for t in model_tensors(proto, main_initializers=False) if t.data_location == onnx.TensorProto.EXTERNAL]
     if stray:
         raise WrittenFileMismatch(f"the file written to {p} keeps external references outside its initializers: {stray[:3]}")
     files = _Files()
@@ -164,24 +173,3 @@ def verify_written(path: str | os.PathLike, model: ir.Model) -> int:
     finally:
         files.close()
     return len(written)
-
-
-def _nested_tensors(proto: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
-    """Tensors of the file other than the main graph's initializers: subgraphs, attributes, functions."""
-
-    def in_graph(graph, top: bool) -> Iterator[onnx.TensorProto]:
-        if not top:
-            yield from getattr(graph, "initializer", ())
-        for node in graph.node:
-            for attr in node.attribute:
-                if attr.HasField("t"):
-                    yield attr.t
-                yield from attr.tensors
-                if attr.HasField("g"):
-                    yield from in_graph(attr.g, False)
-                for sub in attr.graphs:
-                    yield from in_graph(sub, False)
-
-    yield from in_graph(proto.graph, True)
-    for function in proto.functions:
-        yield from in_graph(function, False)

@@ -53,16 +53,16 @@ def big_initializers(model: ir.Model) -> list[ir.Value]:
     ]
 
 
-def _graphs(graph: ir.Graph | ir.Function) -> Iterator[ir.Graph | ir.Function]:
+def graphs(graph: ir.Graph | ir.Function) -> Iterator[ir.Graph | ir.Function]:
     """``graph`` and every subgraph (If/Loop/Scan bodies) in it, at any depth."""
     yield graph
     for node in graph:
         for attr in node.attributes.values():
             if attr.type == ir.AttributeType.GRAPH:
-                yield from _graphs(attr.value)
+                yield from graphs(attr.value)
             elif attr.type == ir.AttributeType.GRAPHS:
                 for sub in attr.value:
-                    yield from _graphs(sub)
+                    yield from graphs(sub)
 
 
 def nested_file_tensors(model: ir.Model) -> list[tuple[object, str, ir.ExternalTensor]]:
@@ -72,7 +72,7 @@ def nested_file_tensors(model: ir.Model) -> list[tuple[object, str, ir.ExternalT
     found: list[tuple[object, str, ir.ExternalTensor]] = []
     roots: list[ir.Graph | ir.Function] = [model.graph, *model.functions.values()]
     for root in roots:
-        for g in _graphs(root):
+        for g in graphs(root):
             if g is not model.graph and isinstance(g, ir.Graph):
                 for name, v in g.initializers.items():
                     if isinstance(v.const_value, ir.ExternalTensor):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import mmap
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
@@ -28,6 +29,38 @@ GRAPH_INITIALIZER = 5
 TENSOR_DATA_TYPE, TENSOR_RAW_DATA, TENSOR_EXTERNAL_DATA, TENSOR_DATA_LOCATION = 2, 9, 13, 14
 LENGTH_DELIMITED = 2
 EXTERNAL = onnx.TensorProto.EXTERNAL
+
+
+def graph_protos(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """``graph`` and every subgraph (If/Loop/Scan bodies) in it, at any depth."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                yield from graph_protos(attr.g)
+            for sub in attr.graphs:
+                yield from graph_protos(sub)
+
+
+def model_tensors(model: onnx.ModelProto, main_initializers: bool = True) -> Iterator[onnx.TensorProto]:
+    """Every tensor of ``model``: the main graph's initializers (unless ``main_initializers`` is False), and the
+    initializers of subgraphs and the tensor attributes of nodes, in the graph and in functions."""
+    if main_initializers:
+        yield from model.graph.initializer
+    yield from _node_tensors(model.graph.node)
+    for function in model.functions:
+        yield from _node_tensors(function.node)
+
+
+def _node_tensors(nodes) -> Iterator[onnx.TensorProto]:
+    for node in nodes:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from sub.initializer
+                yield from _node_tensors(sub.node)
 
 
 class WireError(ValueError):

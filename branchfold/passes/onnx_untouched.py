@@ -19,35 +19,17 @@ from collections.abc import Iterator
 import onnx
 import onnx_ir as ir
 
-
-def _graph_protos(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("g"):
-                yield from _graph_protos(attr.g)
-            for sub in attr.graphs:
-                yield from _graph_protos(sub)
+from branchfold.onnx_weights import graphs
+from branchfold.onnx_wire import graph_protos
 
 
 def declared_value_info(proto: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
     """Every type the model declares, by value name: graph inputs, outputs and ``value_info``, subgraphs too."""
     declared: dict[str, onnx.ValueInfoProto] = {}
-    for graph in _graph_protos(proto.graph):
+    for graph in graph_protos(proto.graph):
         for info in (*graph.input, *graph.output, *graph.value_info):
             declared.setdefault(info.name, info)
     return declared
-
-
-def _graphs(graph: ir.Graph) -> Iterator[ir.Graph]:
-    yield graph
-    for node in graph:
-        for attr in node.attributes.values():
-            if attr.type == ir.AttributeType.GRAPH:
-                yield from _graphs(attr.value)
-            elif attr.type == ir.AttributeType.GRAPHS:
-                for sub in attr.value:
-                    yield from _graphs(sub)
 
 
 def _values(graph: ir.Graph) -> Iterator[ir.Value]:
@@ -62,7 +44,7 @@ def restore_declared(model: ir.Model, declared: dict[str, onnx.ValueInfoProto]) 
     """Give each value of ``model`` exactly the type, shape, doc string and metadata the input declared for
     its name, and none where it declared nothing (so no ``value_info`` is written for it). A graph input or
     output the input did not declare (none in a valid model) keeps what it has."""
-    for graph in _graphs(model.graph):
+    for graph in graphs(model.graph):
         io = {*graph.inputs, *graph.outputs}
         for value in _values(graph):
             info = declared.get(value.name or "")
