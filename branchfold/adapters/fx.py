@@ -251,6 +251,8 @@ def fold_graph(
     ctx = FxContext(gm, dict(constants or {}))
     ops, outputs = graph_ops(ctx)
     walk = find_regions(ops, outputs)
+    for i, r in enumerate(walk.regions):
+        r.id = i  # stable across fresh copies of the graph: undo selects regions by it
     if select is not None:
         walk.regions = [r for r in walk.regions if select(r)]
     if walk.regions:

@@ -77,6 +77,8 @@ def fold_graph(graph: ir.Graph, select: Callable[[Region], bool] | None = None) 
     ops, outputs = graph_ops(ctx)
     walk = find_regions(ops, outputs)
     walk.regions = [r for r in walk.regions if not _rewrites_to_itself(r)]
+    for i, r in enumerate(walk.regions):
+        r.id = i  # stable across fresh copies of the graph: undo selects regions by it
     if select is not None:
         walk.regions = [r for r in walk.regions if select(r)]
     names = [r.value.name for r in walk.regions]

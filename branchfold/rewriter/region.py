@@ -96,6 +96,9 @@ class Region:
     labels: tuple[str, ...]
     cost_before: int
     cost_after: int
+    # The adapter numbers a graph's regions in walk order: the walk is deterministic, so a fresh copy of
+    # the same graph gives each region the same id, and undo can name regions across fold attempts.
+    id: int = -1
 
     @property
     def kind(self) -> str:
