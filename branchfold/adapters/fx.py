@@ -261,8 +261,12 @@ def fold_graph(
 
 
 class Emitter:
-    def __init__(self, gm: fx.GraphModule, ctx: FxContext, walk: WalkResult) -> None:
-        self.gm, self.ctx, self.walk = gm, ctx, walk
+    """Writes maps into an FX graph: the walk's regions (``emit``), or one map at a time for another pass
+    (``write`` at the graph's insertion point, then ``replace``). Folded tensors become new parameters
+    with fresh names; equal ones are stored once."""
+
+    def __init__(self, gm: fx.GraphModule, ctx: FxContext, walk: WalkResult | None = None) -> None:
+        self.gm, self.ctx, self.walk = gm, ctx, walk or WalkResult([], [])
         self.graph = gm.graph
         self.aten = uses_aten(gm.graph)
         self.replaced: dict[fx.Node, fx.Node] = {}
@@ -284,10 +288,14 @@ class Emitter:
                     new = self._layer_norm(region.source.op, region.map, dtype, device)
                 else:
                     src = self._source(region.source)
-                    new = self._apply(region.map, src, dtype, device, value)
-            value.replace_all_uses_with(new)
-            self.replaced[value] = new
+                    new = self.write(region.map, src, dtype, device, value)
+            self.replace(value, new)
         self._remove_dead()
+
+    def replace(self, value: fx.Node, new: fx.Node) -> None:
+        """Make every reader of ``value`` read ``new``."""
+        value.replace_all_uses_with(new)
+        self.replaced[value] = new
 
     def _source(self, source) -> fx.Node:
         if isinstance(source, SplitSource):
@@ -356,7 +364,9 @@ class Emitter:
     def _call(self, torch_fn, aten_fn, args) -> fx.Node:
         return self.graph.call_function(aten_fn if self.aten else torch_fn, tuple(args))
 
-    def _apply(self, m, src: fx.Node, dtype, device, like: fx.Node) -> fx.Node:
+    def write(self, m, src: fx.Node, dtype, device, like: fx.Node) -> fx.Node:
+        """Nodes computing ``m(src)`` at the graph's insertion point, weights in ``dtype`` on ``device``;
+        returns the last (``src`` itself for an identity)."""
         if isinstance(m, Dense):
             w = self._param(m.weight, dtype, device, "weight")
             return self._call(F.linear, aten.linear.default, (src, w, self._bias(m, dtype, device)))

@@ -35,7 +35,6 @@ from branchfold.patterns.horizontal import (
     Policy,
 )
 from branchfold.rewriter.affine import Conv, Dense, bias_if_any
-from branchfold.rewriter.region import WalkResult
 
 aten = torch.ops.aten
 
@@ -147,7 +146,7 @@ class _Writer:
         self.gm, self.ctx = gm, ctx
         self.graph = gm.graph
         self.aten = uses_aten(gm.graph)
-        self.emitter = Emitter(gm, ctx, WalkResult([], []))
+        self.emitter = Emitter(gm, ctx)
         self.dead: list[fx.Node] = []
 
     def write(self, source: fx.Node, group: list[Member], fused: Fused) -> None:
@@ -157,7 +156,7 @@ class _Writer:
         dtype, device = _weight_info(self.ctx, first)  # type: ignore[misc]
         dim = fused.axis
         with self.graph.inserting_before(first):
-            wide = self.emitter._apply(fused.map, source, dtype, device, first)
+            wide = self.emitter.write(fused.map, source, dtype, device, first)
             if self.aten:
                 parts = self.graph.call_function(aten.split_with_sizes.default, (wide, list(fused.sizes), dim))
             else:
