@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from branchfold.patterns import reshapes
+from branchfold.patterns import canonical, reshapes
 from branchfold.patterns.fx_ops import FxContext, dtype_of, recognize
 from branchfold.rewriter.affine import (
     Conv,
@@ -231,15 +231,8 @@ def _stored_tensors(ctx: FxContext, node: fx.Node) -> set[str]:
 
 
 def _mark_shared(ctx: FxContext, ops: list[Op]) -> None:
-    """Flag affine ops whose weights other ops read too (a module called from several places)."""
-    stored = {op.key: _stored_tensors(ctx, op.key) for op in ops if op.kind == "affine"}
-    readers: dict[str, int] = {}
-    for names in stored.values():
-        for name in names:
-            readers[name] = readers.get(name, 0) + 1
-    for op in ops:
-        if stored.get(op.key):
-            op.shared = any(readers[name] > 1 for name in stored[op.key])
+    """Flag affine ops whose weights other affine ops read too (a module called from several places)."""
+    canonical.mark_shared(ops, lambda op: _stored_tensors(ctx, op.key) if op.kind == "affine" else ())
 
 
 def fold_graph(

@@ -197,18 +197,18 @@ def _matmul(ctx, node, names):
 
 def _conv(ctx, node, names):
     b = _bind(node, names, {"stride": 1, "padding": 0, "dilation": 1, "groups": 1, "transposed": False})
-    if b.get("transposed") or any(b.get("output_padding") or ()):
-        raise Refusal("geometry", "transposed convolution")
+    transposed = bool(b.get("transposed") or any(b.get("output_padding") or ()))
     w = _need(ctx, b["weight"], "conv weight")
     return b["input"], canonical.conv(
-        w, _need(ctx, b.get("bias"), "conv bias", True), b["stride"], b["padding"], b["dilation"], b["groups"]
-    )
+        w, _need(ctx, b.get("bias"), "conv bias", True), b["stride"], b["padding"], b["dilation"], b["groups"],
+        transposed=transposed,
+    )  # fmt: skip
 
 
 def _batch_norm(ctx, node, names):
     b = _bind(node, names, {"weight": None, "bias": None, "training": False, "eps": 1e-5})
-    if b["training"]:
-        raise Refusal("training-mode", "BatchNorm in training mode uses batch statistics")
+    if b["training"]:  # before the constants: batch statistics make them irrelevant
+        return b["input"], canonical.batch_norm(None, None, None, None, b["eps"], None, training=True)
     get = lambda k, what: _need(ctx, b.get(k), what, optional=True)  # noqa: E731
     return b["input"], canonical.batch_norm(
         get("running_mean", "BatchNorm mean"), get("running_var", "BatchNorm variance"),
@@ -393,13 +393,7 @@ def _add_sub(ctx: FxContext, node: fx.Node, kind: str) -> Op | None:
     x, c = (a, cb) if cb is not None else (b, ca)
     if not isinstance(x, fx.Node):
         return None
-    if kind == "add":
-        m = canonical.shift_constant(c, shape_of(x))
-    elif cb is not None:  # x - c
-        m = canonical.shift_constant(-c if isinstance(c, float) else -c.double(), shape_of(x))
-    else:  # c - x
-        d = canonical.shift_constant(c, shape_of(x))
-        m = type(d)(-d.scale, d.shift, d.axis)
+    m = canonical.arithmetic_constant(kind, c, shape_of(x), constant_first=cb is None)
     return Op(node, "affine", (x,), node, m, label="shift")
 
 
@@ -412,14 +406,11 @@ def _mul_div(ctx: FxContext, node: fx.Node, div: bool) -> Op | None:
     ca, cb = _const_operand(ctx, a), _const_operand(ctx, b)
     if (ca is None) == (cb is None):
         return None
-    if div and cb is None:
-        return None  # c / x is not linear
     x, c = (a, cb) if cb is not None else (b, ca)
     if not isinstance(x, fx.Node):
         return None
-    if div:
-        c = 1.0 / c if isinstance(c, float) else 1.0 / c.double()
-    return Op(node, "affine", (x,), node, canonical.channel_constant(c, shape_of(x)), label="scale")
+    m = canonical.arithmetic_constant("div" if div else "mul", c, shape_of(x), constant_first=cb is None)
+    return None if m is None else Op(node, "affine", (x,), node, m, label="scale")
 
 
 def _layer_norm(ctx, node, x, normalized_shape, weight, bias) -> Op | None:
@@ -445,10 +436,8 @@ def _recognize_module(ctx: FxContext, node: fx.Node) -> Op | None:
         return affine(canonical.conv(mod.weight, mod.bias, mod.stride, mod.padding, mod.dilation, mod.groups,
                                      mod.padding_mode))  # fmt: skip
     if isinstance(mod, nn.modules.batchnorm._BatchNorm):
-        if mod.training or not mod.track_running_stats:
-            raise Refusal("training-mode", f"{label} uses batch statistics (training mode)")
         return affine(canonical.batch_norm(mod.running_mean, mod.running_var, mod.weight, mod.bias, mod.eps,
-                                           _rank(x)))  # fmt: skip
+                                           _rank(x), training=mod.training))  # fmt: skip
     if isinstance(mod, nn.LayerNorm):
         if not mod.elementwise_affine:
             return None
