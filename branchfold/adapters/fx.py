@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from branchfold import compat
 from branchfold.patterns import canonical, reshapes
 from branchfold.patterns.fx_ops import FxContext, dtype_of, recognize
 from branchfold.rewriter.affine import (
@@ -40,7 +41,7 @@ class FxFoldResult:
 
 
 def uses_aten(graph: fx.Graph) -> bool:
-    return any(isinstance(n.target, torch._ops.OpOverload) for n in graph.nodes if n.op == "call_function")
+    return any(compat.is_overload(n.target) for n in graph.nodes if n.op == "call_function")
 
 
 def graph_ops(ctx: FxContext) -> tuple[list[Op], set[fx.Node]]:
@@ -195,7 +196,7 @@ def _dims(n) -> tuple[reshapes.Dim, ...] | None:
 
 
 def _returns_tuple(node: fx.Node) -> bool:
-    if isinstance(node.target, torch._ops.OpOverload) and len(node.target._schema.returns) > 1:
+    if compat.is_overload(node.target) and len(compat.schema(node.target).returns) > 1:
         return True
     return isinstance(node.meta.get("val", node.meta.get("example_value")), (tuple, list))
 

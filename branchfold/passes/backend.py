@@ -62,8 +62,8 @@ from typing import Any
 
 import torch
 from torch import fx
-from torch.fx.experimental.symbolic_shapes import guarding_hint_or_throw
 
+from branchfold import compat
 from branchfold.errors import BranchfoldError, InputError
 from branchfold.passes import verify
 from branchfold.passes.backend_guard import WEIGHT_CHECKS, WeightGuard, invalidate, picker
@@ -151,8 +151,7 @@ def constant_inputs(gm: fx.GraphModule, example_inputs: Sequence) -> dict[str, i
     for i, (node, value) in enumerate(zip(placeholders, example_inputs)):
         if not isinstance(value, torch.Tensor) or value.is_inference():
             continue
-        grapharg = node.meta.get("grapharg")
-        source = grapharg.source.name if grapharg is not None and hasattr(grapharg, "source") else ""
+        source = compat.dynamo_source_name(node)
         if isinstance(value, torch.nn.Parameter) or "_buffers_" in node.name or "._buffers[" in source:
             found[node.name] = i
     return found
@@ -331,7 +330,7 @@ def _randomizable(x: Any) -> bool:
 def _concrete(x: Any) -> Any:
     """The example value of a symbolic size input (``dynamic=True``), to run the graph eagerly."""
     if isinstance(x, (torch.SymInt, torch.SymFloat, torch.SymBool)):
-        return x.node.hint if x.node.has_hint() else guarding_hint_or_throw(x)
+        return x.node.hint if x.node.has_hint() else compat.guarding_hint_or_throw(x)
     return x
 
 

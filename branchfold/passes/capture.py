@@ -21,6 +21,7 @@ from torch.export import Dim, ShapesCollection
 from torch.fx._pytree import tree_flatten_spec
 from torch.utils import _pytree as pytree
 
+from branchfold import compat
 from branchfold.errors import CaptureError
 
 CaptureMethod = Literal["export", "symbolic_trace"]
@@ -163,7 +164,7 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool):
 def _free_dims(ep, user_args: tuple, user_kwargs: dict) -> Capture:
     """Read which input dims the exported graph left symbolic, and map them to the user's tensors."""
     module = ep.module()
-    spec = module._in_spec
+    spec = compat.in_spec(module)
     users = tree_flatten_spec((user_args, user_kwargs), spec)
     placeholders = [n for n in module.graph.nodes if n.op == "placeholder"]
     captured = Capture(module)

@@ -21,9 +21,9 @@ import torch
 from torch import fx
 from torch.export import ExportedProgram
 from torch.export.graph_signature import ExportGraphSignature, InputKind, InputSpec, TensorArgument
-from torch.fx.experimental.symbolic_shapes import guarding_hint_or_throw
 from torch.utils import _pytree as pytree
 
+from branchfold import compat
 from branchfold.adapters.fx import FxFoldResult
 from branchfold.errors import InputError
 from branchfold.passes import settle
@@ -138,7 +138,7 @@ def _hint(d) -> int:
     if isinstance(d, int):
         return d
     try:
-        return int(guarding_hint_or_throw(d))
+        return int(compat.guarding_hint_or_throw(d))
     except Exception:  # a dimension with no recorded example value: any valid size will do
         return 2
 
@@ -203,9 +203,9 @@ def _renamed_outputs(gm: fx.GraphModule, sig: ExportGraphSignature) -> list:
 def _fill_meta(gm: fx.GraphModule, placeholders: list[fx.Node], values: list[torch.Tensor]) -> None:
     """Fake-tensor ``val`` for the new placeholders and ops: serialization and later passes read it."""
     vals = [n.meta["val"] for n in gm.graph.nodes if "val" in n.meta]
-    fake_mode = torch._guards.detect_fake_mode(vals)
+    fake_mode = compat.detect_fake_mode(vals)
     if fake_mode is None:
-        fake_mode = torch._subclasses.FakeTensorMode()
+        fake_mode = compat.FakeTensorMode()
     for node, value in zip(placeholders, values):
         node.meta.pop("example_value", None)
         node.meta["val"] = fake_mode.from_tensor(value, static_shapes=True)

@@ -6,11 +6,11 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 
 import torch
 from torch import fx
-from torch.fx.graph import CodeGen, _PyTreeCodeGen
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils import _pytree as pytree
 
+from branchfold import compat
 from branchfold.adapters.fx import FxFoldResult, fold_graph
 from branchfold.passes.fx_inplace import CATEGORY as IN_PLACE
 from branchfold.passes.fx_inplace import FunctionalizeInPlacePass, Mutations
@@ -93,9 +93,9 @@ class PlainCallingConventionPass(PassBase):
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         graph = graph_module.graph
-        codegen = graph._codegen
+        codegen = compat.codegen(graph)
         info = getattr(codegen, "pytree_info", None)
-        if not isinstance(codegen, _PyTreeCodeGen) or info is None or info.out_spec is None:
+        if not isinstance(codegen, compat.PyTreeCodeGen) or info is None or info.out_spec is None:
             return PassResult(graph_module, False)
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
         if info.in_spec != pytree.tree_structure((tuple(range(len(placeholders))), {})):
@@ -108,7 +108,7 @@ class PlainCallingConventionPass(PassBase):
             output.args = (returned[0],)
         elif info.out_spec != pytree.tree_structure(tuple(range(len(returned)))):
             return PassResult(graph_module, False)
-        graph._codegen = CodeGen()
+        compat.set_codegen(graph, compat.CodeGen())
         graph_module.recompile()
         return PassResult(graph_module, True)
 

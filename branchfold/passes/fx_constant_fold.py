@@ -46,6 +46,7 @@ from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from torch.utils import _pytree as pytree
 
+from branchfold import compat
 from branchfold.patterns.fx_alias import alias_parents, is_random, written
 
 MAX_GROWTH = 16  # elements stored / elements of the stored tensors read
@@ -129,8 +130,8 @@ def constants_note(result: ConstantFoldResult | None) -> list[str]:
 def _target_name(node: fx.Node) -> str:
     if node.op == "call_method":
         return str(node.target)
-    if isinstance(node.target, torch._ops.OpOverload):
-        return node.target._schema.name.split("::")[-1]
+    if compat.is_overload(node.target):
+        return compat.schema(node.target).name.split("::")[-1]
     return getattr(node.target, "__name__", str(node.target))
 
 

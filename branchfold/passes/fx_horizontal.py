@@ -21,6 +21,7 @@ import torch
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from branchfold import compat
 from branchfold.adapters.fx import Emitter, uses_aten
 from branchfold.passes.fx_inplace import FunctionalizeInPlacePass, Mutations
 from branchfold.patterns import horizontal
@@ -231,7 +232,7 @@ def _needs_contiguous(gm: fx.GraphModule, user: fx.Node) -> bool:
         t = user.target
         if t in _CONTIGUOUS_FUNCS or t in _VIEW_FUNCS:
             return True
-        if isinstance(t, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        if isinstance(t, (compat.OpOverload, compat.OpOverloadPacket)):
             return False
         return not (getattr(t, "__module__", "") or "").startswith(("torch", "_operator", "operator", "math"))
     return True

@@ -32,6 +32,8 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from branchfold import compat
+
 aten = torch.ops.aten
 
 _IN_PLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
@@ -45,7 +47,7 @@ _PURE_OPERATORS = {operator.add, operator.sub, operator.mul, operator.truediv, o
 # Return their input (or may) although their schema shows no alias: eval-mode dropout, same-dtype casts.
 _MAY_RETURN_INPUT = {"dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout", "type_as", "to",
                      "contiguous", "float", "double", "half", "bfloat16", "type", "cpu", "cuda"}  # fmt: skip
-_ALIAS_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.modules.dropout._DropoutNd)
+_ALIAS_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, compat.DropoutBase)
 
 
 def _name(target: Any) -> str | None:
@@ -63,11 +65,11 @@ def _name(target: Any) -> str | None:
 def _schema_says(name: str) -> str:
     """What the non-``out`` overloads of ``aten.<name>`` return: "fresh", "alias" or "unknown"."""
     packet = getattr(aten, name, None) if name.isidentifier() else None
-    if packet is None or not isinstance(packet, torch._ops.OpOverloadPacket):
+    if packet is None or not isinstance(packet, compat.OpOverloadPacket):
         return "unknown"
     kinds = set()
     for overload in packet.overloads():
-        schema = getattr(packet, overload)._schema
+        schema = compat.schema(getattr(packet, overload))
         if schema.is_mutable and overload.endswith("out"):
             continue
         kinds.add("alias" if schema.is_mutable or any(r.alias_info for r in schema.returns) else "fresh")
@@ -90,9 +92,9 @@ def written(node: fx.Node, gm: fx.GraphModule | None = None) -> tuple[fx.Node, .
         if k == "out":
             found.extend(v if isinstance(v, (tuple, list)) else (v,))
     t = node.target
-    if node.op == "call_function" and isinstance(t, torch._ops.OpOverload):
-        names = [a.name for a in t._schema.arguments]
-        for i, arg in enumerate(t._schema.arguments):
+    if node.op == "call_function" and compat.is_overload(t):
+        names = [a.name for a in compat.schema(t).arguments]
+        for i, arg in enumerate(compat.schema(t).arguments):
             if arg.alias_info is not None and arg.alias_info.is_write:
                 found.append(node.args[i] if i < len(node.args) else node.kwargs.get(names[i]))
     elif node.args and _writes_first_argument(node, gm):
@@ -108,7 +110,7 @@ def _updates_statistics(node: fx.Node) -> bool:
     if node.op != "call_function":
         return False
     t = node.target
-    name = t._schema.name.split("::")[-1] if isinstance(t, torch._ops.OpOverload) else (_name(t) or "")
+    name = compat.schema(t).name.split("::")[-1] if compat.is_overload(t) else (_name(t) or "")
     if "batch_norm" not in name and "instance_norm" not in name:
         return False
     return any(a is True for a in list(node.args) + list(node.kwargs.values()))
@@ -156,10 +158,10 @@ def alias_parents(node: fx.Node, gm: fx.GraphModule | None = None) -> tuple[fx.N
         return first  # a tuple's element, or an index/slice view of a tensor
     if t in _PURE_OPERATORS:
         return ()
-    if isinstance(t, torch._ops.OpOverload):
-        if t._schema.name.split("::")[-1] in _MAY_RETURN_INPUT:
+    if compat.is_overload(t):
+        if compat.schema(t).name.split("::")[-1] in _MAY_RETURN_INPUT:
             return first
-        return first if any(r.alias_info for r in t._schema.returns) else ()
+        return first if any(r.alias_info for r in compat.schema(t).returns) else ()
     name = _name(t)
     if name is None or name in _MAY_RETURN_INPUT:
         return inputs if name is None else first
@@ -170,7 +172,7 @@ def alias_parents(node: fx.Node, gm: fx.GraphModule | None = None) -> tuple[fx.N
 def _seeded(name: str) -> bool | None:
     """Whether some overload of ``aten.<name>`` is tagged ``nondeterministic_seeded`` (None: no such op)."""
     packet = getattr(aten, name, None) if name.isidentifier() else None
-    if packet is None or not isinstance(packet, torch._ops.OpOverloadPacket):
+    if packet is None or not isinstance(packet, compat.OpOverloadPacket):
         return None
     return any(torch.Tag.nondeterministic_seeded in getattr(packet, o).tags for o in packet.overloads())
 
@@ -196,7 +198,7 @@ def is_random(node: fx.Node) -> bool:
     method of that name, else from the ops a Python function calls (a ``call_module`` is never evaluated
     at fold time, so it is not asked)."""
     t = node.target
-    if node.op == "call_function" and isinstance(t, torch._ops.OpOverload):
+    if node.op == "call_function" and compat.is_overload(t):
         return torch.Tag.nondeterministic_seeded in t.tags
     if node.op not in ("call_function", "call_method"):
         return False

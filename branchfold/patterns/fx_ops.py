@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from branchfold import compat
 from branchfold.patterns import canonical
 from branchfold.patterns.fx_alias import alias_class, written
 from branchfold.rewriter.affine import Refusal
@@ -248,7 +249,7 @@ _F_DROPOUT = ("input", "p", "training")
 
 UNARY: dict[Any, tuple[Callable, tuple[str, ...], str]] = {
     F.linear: (_linear, _LINEAR, "linear"),
-    torch._C._nn.linear: (_linear, _LINEAR, "linear"),
+    compat.NN_BINDINGS.linear: (_linear, _LINEAR, "linear"),
     aten.linear.default: (_linear, _LINEAR, "linear"),
     aten.addmm.default: (_addmm, (), "linear"),
     aten.mm.default: (_matmul, (), "linear"),
@@ -271,8 +272,8 @@ for _nd in (1, 2, 3):
         UNARY[_f] = (_conv, _CONV, "conv")
     for _f in (getattr(F, f"avg_pool{_nd}d"), getattr(aten, f"avg_pool{_nd}d").default):
         UNARY[_f] = (_avg_pool, _POOL, "avg_pool")
-    if hasattr(torch._C._nn, f"avg_pool{_nd}d"):
-        UNARY[getattr(torch._C._nn, f"avg_pool{_nd}d")] = (_avg_pool, _POOL, "avg_pool")
+    if hasattr(compat.NN_BINDINGS, f"avg_pool{_nd}d"):
+        UNARY[getattr(compat.NN_BINDINGS, f"avg_pool{_nd}d")] = (_avg_pool, _POOL, "avg_pool")
 UNARY[aten.convolution.default] = (_conv, _ATEN_CONVOLUTION, "conv")
 UNARY[torch.avg_pool1d] = (_avg_pool, _POOL, "avg_pool")
 
@@ -435,7 +436,7 @@ def _recognize_module(ctx: FxContext, node: fx.Node) -> Op | None:
     if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         return affine(canonical.conv(mod.weight, mod.bias, mod.stride, mod.padding, mod.dilation, mod.groups,
                                      mod.padding_mode))  # fmt: skip
-    if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+    if isinstance(mod, compat.BatchNormBase):
         return affine(canonical.batch_norm(mod.running_mean, mod.running_var, mod.weight, mod.bias, mod.eps,
                                            _rank(x), training=mod.training))  # fmt: skip
     if isinstance(mod, nn.LayerNorm):
@@ -447,7 +448,7 @@ def _recognize_module(ctx: FxContext, node: fx.Node) -> Op | None:
         return affine(canonical.avg_pool(mod.kernel_size, mod.stride, mod.padding, _channels(x), nd,
                                          mod.ceil_mode, mod.count_include_pad,
                                          getattr(mod, "divisor_override", None)))  # fmt: skip
-    if isinstance(mod, nn.modules.dropout._DropoutNd):
+    if isinstance(mod, compat.DropoutBase):
         if mod.training and mod.p > 0:
             raise Refusal("training-mode", f"{label} in training mode is not the identity")
         return affine(canonical.channel_constant(1.0, None))

@@ -130,7 +130,7 @@ class OnnxContext:
     graph: ir.Graph
     _cache: dict[ir.Value, tuple[np.ndarray | None, frozenset[str]]] = field(default_factory=dict)
     _protected: dict[ir.Node, Nonlinearity] | None = field(default=None, repr=False)
-    _reported: set[Nonlinearity] = field(default_factory=set, repr=False)
+    reported: set[Nonlinearity] = field(default_factory=set, repr=False)
     _mapped: list[ir.ExternalTensor] = field(default_factory=list, repr=False)
 
     def release_pages(self) -> None:
@@ -447,8 +447,8 @@ def _kept_whole(ctx: OnnxContext, nl: Nonlinearity, opaque: Op, would_be: Op | N
     so runtimes still fuse the chain (Gelu, LayerNormalization, ...). Each such chain in which
     something looked foldable is reported once."""
     opaque.label = nl.label
-    if would_be is not None and would_be.kind != "opaque" and nl not in ctx._reported:
-        ctx._reported.add(nl)
+    if would_be is not None and would_be.kind != "opaque" and nl not in ctx.reported:
+        ctx.reported.add(nl)
         opaque.refusal = Refusal("fused-pattern", f"{nl.label} kept whole: runtimes fuse it into one op")
     return opaque
 
