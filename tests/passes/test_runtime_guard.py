@@ -68,7 +68,7 @@ def mlp(make_onnx) -> onnx.ModelProto:
 
 @pytest.fixture
 def unprotected(monkeypatch):
-    """Decomposed nonlinearities are not kept whole: folds into GELU happen as they did before issue 15."""
+    """Decomposed nonlinearities are not kept whole: folds into GELU happen as the algebra allows."""
     from branchfold.patterns import onnx_ops
 
     monkeypatch.setattr(onnx_ops.OnnxContext, "nonlinearity", lambda self, node: None)
