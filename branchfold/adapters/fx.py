@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from branchfold import compat
+from branchfold.adapters.fx_store import StoredOnce
 from branchfold.patterns import canonical, reshapes
 from branchfold.patterns.fx_ops import FxContext, dtype_of, recognize
 from branchfold.rewriter.affine import (
@@ -266,7 +267,7 @@ class Emitter:
         self.replaced: dict[fx.Node, fx.Node] = {}
         self.plain: dict[fx.Node, fx.Node] = {}  # LayerNorm node -> the same LayerNorm without γ, β
         self.counter = 0
-        self.stored: dict[tuple, list[tuple[torch.Tensor, fx.Node]]] = {}  # content -> (tensor, get_attr)
+        self.stored = StoredOnce()
 
     def emit(self) -> None:
         for key, same in self.walk.meta_sources.items():  # shape queries of values about to vanish
@@ -341,19 +342,17 @@ class Emitter:
         de-duplicating by content keeps the sharing instead of multiplying the parameters.
         """
         value = cast_tensor(t, dtype).to(device)
-        key = (tuple(value.shape), value.dtype, value.device, float(value.sum(dtype=torch.float64)))
-        for other, node in self.stored.get(key, ()):
-            if torch.equal(other, value):
-                return self.graph.get_attr(node.target)
+        same = self.stored.find(value)
+        if same is not None:
+            return self.graph.get_attr(same)
         while True:
             self.counter += 1
             name = f"branchfold_{self.counter}_{hint}"
             if not hasattr(self.gm, name):
                 break
         self.gm.register_parameter(name, nn.Parameter(value, requires_grad=False))
-        node = self.graph.get_attr(name)
-        self.stored.setdefault(key, []).append((value, node))
-        return node
+        self.stored.add(value, name)
+        return self.graph.get_attr(name)
 
     def _call(self, torch_fn, aten_fn, args) -> fx.Node:
         return self.graph.call_function(aten_fn if self.aten else torch_fn, tuple(args))
@@ -401,7 +400,10 @@ class Emitter:
         return self._call(torch.addcmul, aten.addcmul.default, (shift, src, scale))
 
     def _remove_dead(self) -> None:
-        """Erase the ops the regions replaced, and what only they used; nothing else is touched."""
+        """Erase the ops the regions replaced, and what only they used; nothing else is touched.
+
+        Not ``Graph.eliminate_dead_code``: it also cleans the graphs of the GraphModules the graph calls,
+        which are the user's own objects (a GraphModule copy shares its submodules)."""
         candidates = [k for r in self.walk.regions for k in r.ops] + list(self.replaced)  # users last
         folded = set(candidates)  # proven affine, so pure even where torch says not (eval-mode dropout)
         seen = set()

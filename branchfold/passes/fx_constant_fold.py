@@ -32,7 +32,8 @@ What stays in the graph, and why:
   does not fit and is recomputed per call rather than kept resident.
 
 Identical computations of the same stored tensors (two call sites of one module computing ``w * s``) get
-one buffer, so weights the model shares stay shared after the fold.
+one buffer, so weights the model shares stay shared after the fold; equal results of different
+computations are found by value (``adapters.fx_store``, the FX side's one de-duplication).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from torch.utils import _pytree as pytree
 
 from branchfold import compat
+from branchfold.adapters.fx_store import StoredOnce
 from branchfold.patterns.fx_alias import alias_parents, is_random, written
 
 MAX_GROWTH = 16  # elements stored / elements of the stored tensors read
@@ -152,6 +154,7 @@ class _ConstantFolder:
         self.leaves: dict[fx.Node, torch.Tensor] = {}  # stored tensors the graph reads
         self.const: set[fx.Node] = set()
         self.keys: dict[fx.Node, str] = {}  # structural key: equal keys compute equal values
+        self.equal = StoredOnce()  # equal values from different computations share one buffer too
         self.result = ConstantFoldResult()
 
     # -- which nodes are constant ------------------------------------------------------------------
@@ -318,14 +321,17 @@ class _ConstantFolder:
             self.result.kept.append((point.name, why))
             return
         key = self.keys[point]
-        name = stored.get(key)
+        name = stored.get(key)  # the same computation of the same tensors: no need to compare values
         if name is None:
             user = {s for t in self.leaves.values() for s in _storages(t)}
             value = value.detach()
             if _storages(value) & user:
                 value = value.clone()  # never alias a tensor the user may change
-            name = self._fresh_name()
-            self.gm.register_buffer(name, value)
+            name = self.equal.find(value)
+            if name is None:
+                name = self._fresh_name()
+                self.gm.register_buffer(name, value)
+                self.equal.add(value, name)
             stored[key] = name
         with self.graph.inserting_before(point):
             new = self.graph.get_attr(name)
@@ -343,7 +349,8 @@ class _ConstantFolder:
                 return name
 
     def _remove_dead(self) -> None:
-        """Erase the constant ops nothing reads any more (only those: other dead code is not ours)."""
+        """Erase the constant ops nothing reads any more (only those: other dead code is not ours, and
+        ``Graph.eliminate_dead_code`` would also clean the user's GraphModules the graph calls)."""
         for node in reversed(list(self.graph.nodes)):
             if (
                 node in self.const
