@@ -143,18 +143,26 @@ def fold_onnx(
         checker = _Checker(original, seed, random_checks, tolerance)
 
     say("folding")
-    checks: list[Check[_Attempt]] = []
+    predicates: list[Check[_Attempt]] = []
     if checker is not None:
-        checks.append(verification(lambda c: checker.check(c.model)))
+        said: list[bool] = []
+
+        def verified(candidate: _Attempt) -> checks.Check:
+            if not said:
+                said.append(True)
+                say("verifying with onnxruntime")
+            return checker.check(candidate.model)
+
+        predicates.append(verification(verified))
     fusions = None
     if (verify and runtime_guard) or transformer_guard is not None:
         fusions = _FusionCheck(original, verify and runtime_guard, transformer_guard, say)
-        checks.append(Check("lost-fusion", fusions, "cost an onnxruntime fusion", explains=True))
-    settled = settle(folds, checks, say)
+        predicates.append(Check("lost-fusion", fusions, "cost an onnxruntime fusion", explains=True))
+    settled = settle(folds, predicates, say)
     current = settled.candidate
     undone = settled.undone
     notes = (fusions.notes if fusions is not None else []) + settled.notes
-    outcome = settled.outcome(checks[0]).outcome if checker is not None else None
+    outcome = settled.outcome(predicates[0]).outcome if checker is not None else None
     say("writing the report")
     result = current.result
     report = FoldReport(
