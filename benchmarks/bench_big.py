@@ -1,4 +1,4 @@
-"""Big ONNX models at I/O speed (issue 10): branchfold on real-size files against reading and writing them.
+"""Big ONNX models at I/O speed: branchfold on real-size files against reading and writing them.
 
 For GPT-2 124M (legacy and dynamo exports), BERT-base, ViT-B/16 (``benchmarks.big_models``) and a
 synthetic 2 GB+ model with external data (``benchmarks.synthetic_big``), each tool does one job on the

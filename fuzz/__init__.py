@@ -1,4 +1,4 @@
-"""Fuzzing at scale (issue 12): random models folded through every FX dialect and both ONNX exporters,
+"""Fuzzing at scale: random models folded through every FX dialect and both ONNX exporters,
 compared with the original. Tooling, not product: not shipped with the ``branchfold`` package.
 
 ``generator`` draws model specs and builds them, ``campaign`` folds and checks one model through one path,

@@ -38,8 +38,8 @@ from torch import fx, nn
 import branchfold
 from branchfold.errors import BranchfoldError
 from branchfold.passes import verify
-from branchfold.passes.capture import dynamo_graph
 from branchfold.passes.onnx_pipeline import fold_onnx
+from fuzz.dynamo import dynamo_graph
 from fuzz.generator import Spec, build, example, foldable_blocks
 
 FX_PATHS = ("symbolic_trace", "export", "dynamo-backend", "dynamo-pass")

@@ -8,18 +8,24 @@ The three dialects are the ones the FX side must read (docs/design.md §5): ``sy
 from __future__ import annotations
 
 import copy
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import fx, nn
 
-from branchfold.passes.capture import dynamo_graph
-from branchfold.passes.fx import FoldBranchesPass, ShapePropPass, has_shapes
-from branchfold.passes.pipeline import count_ops
-from branchfold.report import FoldedRegion, FoldReport, Skipped, Totals
-from branchfold.report_data import Step
-from branchfold.rewriter.region import NotFolded, Region
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `fuzz` is a top-level folder of the repository, not an installed package
+    sys.path.insert(0, str(ROOT))
+
+from branchfold.passes.fx import FoldBranchesPass, ShapePropPass, has_shapes  # noqa: E402
+from branchfold.passes.pipeline import count_ops  # noqa: E402
+from branchfold.report import FoldedRegion, FoldReport, Skipped, Totals  # noqa: E402
+from branchfold.report_data import Step  # noqa: E402
+from branchfold.rewriter.region import NotFolded, Region  # noqa: E402
+from fuzz.dynamo import dynamo_graph  # noqa: E402
 
 aten = torch.ops.aten
 DIALECTS = ("symbolic_trace", "dynamo", "export")

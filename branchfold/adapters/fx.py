@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from branchfold.patterns import reshapes
+from branchfold import compat
+from branchfold.adapters.fx_store import StoredOnce
+from branchfold.patterns import canonical, reshapes
 from branchfold.patterns.fx_ops import FxContext, dtype_of, recognize
 from branchfold.rewriter.affine import (
     Conv,
@@ -40,7 +42,7 @@ class FxFoldResult:
 
 
 def uses_aten(graph: fx.Graph) -> bool:
-    return any(isinstance(n.target, torch._ops.OpOverload) for n in graph.nodes if n.op == "call_function")
+    return any(compat.is_overload(n.target) for n in graph.nodes if n.op == "call_function")
 
 
 def graph_ops(ctx: FxContext) -> tuple[list[Op], set[fx.Node]]:
@@ -195,7 +197,7 @@ def _dims(n) -> tuple[reshapes.Dim, ...] | None:
 
 
 def _returns_tuple(node: fx.Node) -> bool:
-    if isinstance(node.target, torch._ops.OpOverload) and len(node.target._schema.returns) > 1:
+    if compat.is_overload(node.target) and len(compat.schema(node.target).returns) > 1:
         return True
     return isinstance(node.meta.get("val", node.meta.get("example_value")), (tuple, list))
 
@@ -231,15 +233,8 @@ def _stored_tensors(ctx: FxContext, node: fx.Node) -> set[str]:
 
 
 def _mark_shared(ctx: FxContext, ops: list[Op]) -> None:
-    """Flag affine ops whose weights other ops read too (a module called from several places)."""
-    stored = {op.key: _stored_tensors(ctx, op.key) for op in ops if op.kind == "affine"}
-    readers: dict[str, int] = {}
-    for names in stored.values():
-        for name in names:
-            readers[name] = readers.get(name, 0) + 1
-    for op in ops:
-        if stored.get(op.key):
-            op.shared = any(readers[name] > 1 for name in stored[op.key])
+    """Flag affine ops whose weights other affine ops read too (a module called from several places)."""
+    canonical.mark_shared(ops, lambda op: _stored_tensors(ctx, op.key) if op.kind == "affine" else ())
 
 
 def fold_graph(
@@ -251,6 +246,8 @@ def fold_graph(
     ctx = FxContext(gm, dict(constants or {}))
     ops, outputs = graph_ops(ctx)
     walk = find_regions(ops, outputs)
+    for i, r in enumerate(walk.regions):
+        r.id = i  # stable across fresh copies of the graph: undo selects regions by it
     if select is not None:
         walk.regions = [r for r in walk.regions if select(r)]
     if walk.regions:
@@ -259,14 +256,18 @@ def fold_graph(
 
 
 class Emitter:
-    def __init__(self, gm: fx.GraphModule, ctx: FxContext, walk: WalkResult) -> None:
-        self.gm, self.ctx, self.walk = gm, ctx, walk
+    """Writes maps into an FX graph: the walk's regions (``emit``), or one map at a time for another pass
+    (``write`` at the graph's insertion point, then ``replace``). Folded tensors become new parameters
+    with fresh names; equal ones are stored once."""
+
+    def __init__(self, gm: fx.GraphModule, ctx: FxContext, walk: WalkResult | None = None) -> None:
+        self.gm, self.ctx, self.walk = gm, ctx, walk or WalkResult([], [])
         self.graph = gm.graph
         self.aten = uses_aten(gm.graph)
         self.replaced: dict[fx.Node, fx.Node] = {}
         self.plain: dict[fx.Node, fx.Node] = {}  # LayerNorm node -> the same LayerNorm without γ, β
         self.counter = 0
-        self.stored: dict[tuple, list[tuple[torch.Tensor, fx.Node]]] = {}  # content -> (tensor, get_attr)
+        self.stored = StoredOnce()
 
     def emit(self) -> None:
         for key, same in self.walk.meta_sources.items():  # shape queries of values about to vanish
@@ -282,10 +283,14 @@ class Emitter:
                     new = self._layer_norm(region.source.op, region.map, dtype, device)
                 else:
                     src = self._source(region.source)
-                    new = self._apply(region.map, src, dtype, device, value)
-            value.replace_all_uses_with(new)
-            self.replaced[value] = new
+                    new = self.write(region.map, src, dtype, device, value)
+            self.replace(value, new)
         self._remove_dead()
+
+    def replace(self, value: fx.Node, new: fx.Node) -> None:
+        """Make every reader of ``value`` read ``new``."""
+        value.replace_all_uses_with(new)
+        self.replaced[value] = new
 
     def _source(self, source) -> fx.Node:
         if isinstance(source, SplitSource):
@@ -337,24 +342,24 @@ class Emitter:
         de-duplicating by content keeps the sharing instead of multiplying the parameters.
         """
         value = cast_tensor(t, dtype).to(device)
-        key = (tuple(value.shape), value.dtype, value.device, float(value.sum(dtype=torch.float64)))
-        for other, node in self.stored.get(key, ()):
-            if torch.equal(other, value):
-                return self.graph.get_attr(node.target)
+        same = self.stored.find(value)
+        if same is not None:
+            return self.graph.get_attr(same)
         while True:
             self.counter += 1
             name = f"branchfold_{self.counter}_{hint}"
             if not hasattr(self.gm, name):
                 break
         self.gm.register_parameter(name, nn.Parameter(value, requires_grad=False))
-        node = self.graph.get_attr(name)
-        self.stored.setdefault(key, []).append((value, node))
-        return node
+        self.stored.add(value, name)
+        return self.graph.get_attr(name)
 
     def _call(self, torch_fn, aten_fn, args) -> fx.Node:
         return self.graph.call_function(aten_fn if self.aten else torch_fn, tuple(args))
 
-    def _apply(self, m, src: fx.Node, dtype, device, like: fx.Node) -> fx.Node:
+    def write(self, m, src: fx.Node, dtype, device, like: fx.Node) -> fx.Node:
+        """Nodes computing ``m(src)`` at the graph's insertion point, weights in ``dtype`` on ``device``;
+        returns the last (``src`` itself for an identity)."""
         if isinstance(m, Dense):
             w = self._param(m.weight, dtype, device, "weight")
             return self._call(F.linear, aten.linear.default, (src, w, self._bias(m, dtype, device)))
@@ -395,7 +400,10 @@ class Emitter:
         return self._call(torch.addcmul, aten.addcmul.default, (shift, src, scale))
 
     def _remove_dead(self) -> None:
-        """Erase the ops the regions replaced, and what only they used; nothing else is touched."""
+        """Erase the ops the regions replaced, and what only they used; nothing else is touched.
+
+        Not ``Graph.eliminate_dead_code``: it also cleans the graphs of the GraphModules the graph calls,
+        which are the user's own objects (a GraphModule copy shares its submodules)."""
         candidates = [k for r in self.walk.regions for k in r.ops] + list(self.replaced)  # users last
         folded = set(candidates)  # proven affine, so pure even where torch says not (eval-mode dropout)
         seen = set()

@@ -77,6 +77,8 @@ def fold_graph(graph: ir.Graph, select: Callable[[Region], bool] | None = None) 
     ops, outputs = graph_ops(ctx)
     walk = find_regions(ops, outputs)
     walk.regions = [r for r in walk.regions if not _rewrites_to_itself(r)]
+    for i, r in enumerate(walk.regions):
+        r.id = i  # stable across fresh copies of the graph: undo selects regions by it
     if select is not None:
         walk.regions = [r for r in walk.regions if select(r)]
     names = [r.value.name for r in walk.regions]
@@ -114,14 +116,19 @@ _TORCH_FLOATS = {ir.DataType.FLOAT: torch.float32, ir.DataType.FLOAT16: torch.fl
 
 
 class Emitter:
+    """Writes maps into an ONNX graph: the walk's regions (``emit``), or one map at a time for another pass
+    (``write``, ``initializer``, ``add``, then ``insert_before`` and ``replace``). New nodes wait in a pending
+    list until ``insert_before`` places them; new initializers and values get fresh names."""
+
     def __init__(
         self,
         graph: ir.Graph,
-        walk: WalkResult,
+        walk: WalkResult | None = None,
         after_region: Callable[[], None] = _nothing,
         pages_read: Callable[[], Callable[[], None]] = lambda: _nothing,
     ) -> None:
-        self.graph, self.walk = graph, walk
+        self.graph, self.walk = graph, walk or WalkResult([], [])
+        self.pending: list[ir.Node] = []
         self.after_region = after_region  # called once a region is written (drop the weight pages it read)
         self.pages_read = pages_read  # what drops the pages read so far, to call once a FoldedTensor is written
         self.computed_bytes = 0  # weights computed now (not FoldedTensors) since the heap was last trimmed
@@ -130,7 +137,7 @@ class Emitter:
         self.replaced: dict[ir.Value, ir.Value] = {}
         self.plain: dict[ir.Node, ir.Value] = {}  # LayerNormalization node -> the same without γ, β
         # values a region writes at their unflattened shape (a reshape that reads only their order follows)
-        ops = walk.ops_by_key.values()
+        ops = self.walk.ops_by_key.values()
         self.unflattened = {op.output: op.shape for op in ops if isinstance(op, UnflattenedOp)}
 
     def fresh(self, hint: str) -> str:
@@ -145,24 +152,34 @@ class Emitter:
         order = {node: i for i, node in enumerate(self.graph)}
         for region in sorted(self.walk.regions, key=lambda r: order[r.value.producer()]):
             value: ir.Value = region.value
-            self.nodes: list[ir.Node] = []
             src = self._source(region.source, value.dtype)
-            new = self._apply(region.map, src, value)
+            new = self.write(region.map, src, value)
             if value in self.unflattened and new is not src:
                 new.shape = self.unflattened[value]
-            if self.nodes:
-                self.graph.insert_before(value.producer(), self.nodes)
-            self._replace(value, new)
+            self.insert_before(value.producer())
+            self.replace(value, new)
             self.after_region()
             if self.computed_bytes >= TRIM_AFTER_BYTES:
                 return_freed_memory()  # the float64 temporaries of the regions since the last trim
                 self.computed_bytes = 0
 
-    def _replace(self, value: ir.Value, new: ir.Value) -> None:
+    def add(self, node: ir.Node) -> None:
+        """Append a node built by the caller to the pending ones."""
+        self.pending.append(node)
+
+    def insert_before(self, anchor: ir.Node) -> None:
+        """Place the pending nodes, in order, before ``anchor``."""
+        if self.pending:
+            self.graph.insert_before(anchor, self.pending)
+            self.pending = []
+
+    def replace(self, value: ir.Value, new: ir.Value) -> None:
+        """Make every reader of ``value`` read ``new``; a graph output keeps its name (``new`` takes it,
+        through an ``Identity`` where ``new`` is itself an input, initializer or output)."""
         if value.is_graph_output():
             if new.is_graph_input() or new.is_graph_output() or new.is_initializer():
                 new = self._node("Identity", [new], value)
-                self.graph.insert_before(value.producer(), self.nodes[-1])
+                self.insert_before(value.producer())
             name = value.name
             value.name = self.fresh("replaced")
             new.name = name
@@ -193,18 +210,18 @@ class Emitter:
         """LayerNormalization needs a Scale input: the plain normalisation is γ = 1, β = 0."""
         out = ln.outputs[0]
         c = out.shape[-1] if out.shape is not None else ln.inputs[1].shape[-1]
-        ones = self._initializer(torch.ones(c, dtype=torch.float64), ln.inputs[1].dtype, "ln_ones")
-        zeros = self._initializer(torch.zeros(c, dtype=torch.float64), ln.inputs[1].dtype, "ln_zeros")
+        ones = self.initializer(torch.ones(c, dtype=torch.float64), ln.inputs[1].dtype, "ln_ones")
+        zeros = self.initializer(torch.zeros(c, dtype=torch.float64), ln.inputs[1].dtype, "ln_zeros")
         attrs = [a for a in ln.attributes.values() if a.name in ("axis", "epsilon", "stash_type")]
         node = ir.Node("", "LayerNormalization", [self._current(ln.inputs[0]), ones, zeros], attrs, num_outputs=1)
         node.outputs[0].name = self.fresh("layer_norm")
         node.outputs[0].dtype, node.outputs[0].shape = out.dtype, out.shape
-        self.nodes.append(node)
+        self.pending.append(node)
         return node.outputs[0]
 
     # -- writing ops ------------------------------------------------------------------------------
 
-    def _initializer(self, t: Tensorish, dtype: ir.DataType | None, hint: str, transposed: bool = False) -> ir.Value:
+    def initializer(self, t: Tensorish, dtype: ir.DataType | None, hint: str, transposed: bool = False) -> ir.Value:
         """``t`` (its transpose, with ``transposed``) as a new initializer of ``dtype``. A big weight that is
         one or two stored weights summed is a ``FoldedTensor``: computed as the model is written."""
         dtype = dtype or ir.DataType.FLOAT
@@ -237,21 +254,22 @@ class Emitter:
         out.dtype = like.dtype
         if final:
             out.shape = like.shape
-        self.nodes.append(node)
+        self.pending.append(node)
         return out
 
-    def _apply(self, m, src: ir.Value, like: ir.Value) -> ir.Value:
+    def write(self, m, src: ir.Value, like: ir.Value) -> ir.Value:
+        """The pending nodes computing ``m(src)``, typed like ``like``; returns the value they compute."""
         dtype = like.dtype
         if isinstance(m, Dense):
-            w = self._initializer(m.weight, dtype, "weight", transposed=True)  # stored as [in, out] like the exporters
+            w = self.initializer(m.weight, dtype, "weight", transposed=True)  # stored as [in, out] like the exporters
             bias = bias_if_any(m)
             if src.shape is not None and len(src.shape) == 2 and bias is not None:
-                b = self._initializer(bias, dtype, "bias")
+                b = self.initializer(bias, dtype, "bias")
                 return self._node("Gemm", [src, w, b], like)
             y = self._node("MatMul", [src, w], like, final=bias is None)
             if bias is None:
                 return y
-            return self._node("Add", [y, self._initializer(bias, dtype, "bias")], like)
+            return self._node("Add", [y, self.initializer(bias, dtype, "bias")], like)
         if isinstance(m, Conv):
             return self._conv(m, src, like)
         return self._diagonal(m, src, like)
@@ -261,13 +279,13 @@ class Emitter:
         if m.padding_mode != "zeros":
             mode = {"reflect": "reflect", "replicate": "edge", "circular": "wrap"}[m.padding_mode]
             full = torch.tensor([0, 0, *pads[: m.nd], 0, 0, *pads[m.nd :]], dtype=torch.int64)
-            pad_amounts = self._initializer(full, ir.DataType.INT64, "pads")
+            pad_amounts = self.initializer(full, ir.DataType.INT64, "pads")
             src = self._node("Pad", [src, pad_amounts], like, [ir.AttrString("mode", mode)], final=False)
             pads = [0] * (2 * m.nd)
-        inputs = [src, self._initializer(m.weight, like.dtype, "weight")]
+        inputs = [src, self.initializer(m.weight, like.dtype, "weight")]
         bias = bias_if_any(m)
         if bias is not None:
-            inputs.append(self._initializer(bias, like.dtype, "bias"))
+            inputs.append(self.initializer(bias, like.dtype, "bias"))
         attrs = [
             ir.AttrInt64s("kernel_shape", list(m.kernel)),
             ir.AttrInt64s("strides", list(m.stride)),
@@ -284,9 +302,9 @@ class Emitter:
         only_shift = bool((m.scale == 1).all())
         y = src
         if not only_shift:
-            scale = self._initializer(m.scale.reshape(view), like.dtype, "scale")
+            scale = self.initializer(m.scale.reshape(view), like.dtype, "scale")
             y = self._node("Mul", [src, scale], like, final=not m.has_shift)
         if m.has_shift:
-            shift = self._initializer(m.shift.reshape(view), like.dtype, "shift")
+            shift = self.initializer(m.shift.reshape(view), like.dtype, "shift")
             y = self._node("Add", [y, shift], like)
         return y

@@ -56,20 +56,20 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import fx
-from torch.fx.experimental.symbolic_shapes import guarding_hint_or_throw
 
+from branchfold import compat
 from branchfold.errors import BranchfoldError, InputError
 from branchfold.passes import verify
 from branchfold.passes.backend_guard import WEIGHT_CHECKS, WeightGuard, invalidate, picker
-from branchfold.passes.fx import FoldBranchesPass
+from branchfold.passes.fx import FoldBranchesPass, lift_folded_weights
 from branchfold.passes.fx_horizontal import HorizontalFusionPass
-from branchfold.passes.undo import bisect_passing, only
+from branchfold.passes.settle import DIFFERED, FAILED_CHECK, Check, Selection, Verdict, settle
 from branchfold.patterns.horizontal import HorizontalMode, check_mode
 from branchfold.rewriter.region import Region
 
@@ -77,7 +77,7 @@ log = logging.getLogger(__name__)
 
 Compiler = Callable[[fx.GraphModule, list], Callable]
 DEFAULT_INNER = "inductor"
-__all__ = ["FoldedGraph", "branchfold_backend", "invalidate", "lift_folded_weights", "make_backend"]
+__all__ = ["FoldedGraph", "branchfold_backend", "invalidate", "make_backend"]
 
 
 def branchfold_backend(
@@ -151,8 +151,7 @@ def constant_inputs(gm: fx.GraphModule, example_inputs: Sequence) -> dict[str, i
     for i, (node, value) in enumerate(zip(placeholders, example_inputs)):
         if not isinstance(value, torch.Tensor) or value.is_inference():
             continue
-        grapharg = node.meta.get("grapharg")
-        source = grapharg.source.name if grapharg is not None and hasattr(grapharg, "source") else ""
+        source = compat.dynamo_source_name(node)
         if isinstance(value, torch.nn.Parameter) or "_buffers_" in node.name or "._buffers[" in source:
             found[node.name] = i
     return found
@@ -170,6 +169,13 @@ class _Fold:
     @property
     def changed(self) -> bool:
         return bool(self.regions or self.fused)
+
+    @property
+    def speed_rewrites(self) -> bool:
+        return bool(self.fused)
+
+    def name(self, region: Region) -> str:
+        return region.value.name
 
 
 class FoldedGraph:
@@ -231,12 +237,13 @@ class FoldedGraph:
     # -- folding --------------------------------------------------------------------------------------
 
     def _fold(self, inputs: Sequence) -> _Fold:
-        """Fold with ``inputs``' parameters as constants; regions that fail the check are undone."""
+        """Fold with ``inputs``' parameters as constants, settled against the original (``passes.settle``)."""
         consts = {name: inputs[i] for name, i in self.constants.items()}
 
-        def attempt(select: Callable[[Region], bool] | None, horizontal: HorizontalMode) -> _Fold:
+        def attempt(sel: Selection) -> _Fold:
             gm = fx.GraphModule(self.original, copy.deepcopy(self.pristine), class_name="BranchfoldGraph")
-            fold, fuse = FoldBranchesPass(consts, select), HorizontalFusionPass(horizontal, consts)
+            horizontal = self.horizontal if sel.horizontal else "off"
+            fold, fuse = FoldBranchesPass(consts, sel.select()), HorizontalFusionPass(horizontal, consts)
             with torch.no_grad():
                 fold.call(gm)
                 fuse.call(gm)
@@ -246,22 +253,16 @@ class FoldedGraph:
             tensors = [t for _, _, t in lift_folded_weights(gm)]
             return _Fold(gm, tensors, fold.result.regions, len(fuse.result.fused), read, keep)
 
-        horizontal = self.horizontal
-        fold = attempt(None, horizontal)
-        if not self.check or not fold.changed or self._agrees(fold, inputs):
-            return fold
-        if fold.fused:  # a speed rewrite is the first thing to give up
-            horizontal = "off"
-            fold = attempt(None, horizontal)
-            if not fold.regions or self._agrees(fold, inputs):
-                return fold
-        names = [r.value.name for r in fold.regions]
-        good = bisect_passing(names, lambda keep: self._agrees(attempt(only(keep), horizontal), inputs))
-        fold = attempt(only(good), horizontal)
-        if fold.regions and not self._agrees(fold, inputs):  # each part passed, together they do not
-            good, fold = [], attempt(only([]), horizontal)
-        log.warning("branchfold: %d of %d folds differed from the original and were undone", len(names) - len(good), len(names))
-        return fold
+        def agrees(fold: _Fold) -> Verdict:
+            return Verdict(self._agrees(fold, inputs), DIFFERED)
+
+        checks = [Check(FAILED_CHECK, agrees)] if self.check else []
+        settled = settle(attempt, checks)
+        failed = [s for s in settled.undone if s.reason == FAILED_CHECK]
+        if failed:
+            total = len(failed) + len(settled.candidate.regions)
+            log.warning("branchfold: %d of %d folds differed from the original and were undone", len(failed), total)
+        return settled.candidate
 
     def _agrees(self, fold: _Fold, inputs: Sequence) -> bool:
         """The folded graph against the original on the example inputs and on random ones.
@@ -329,7 +330,7 @@ def _randomizable(x: Any) -> bool:
 def _concrete(x: Any) -> Any:
     """The example value of a symbolic size input (``dynamic=True``), to run the graph eagerly."""
     if isinstance(x, (torch.SymInt, torch.SymFloat, torch.SymBool)):
-        return x.node.hint if x.node.has_hint() else guarding_hint_or_throw(x)
+        return x.node.hint if x.node.has_hint() else compat.guarding_hint_or_throw(x)
     return x
 
 
@@ -352,40 +353,3 @@ def drop_unread_constants(gm: fx.GraphModule, constants: dict[str, int]) -> list
             keep.append(i)
     gm.recompile()
     return keep
-
-
-def lift_folded_weights(
-    gm: fx.GraphModule, after: fx.Node | None = None, prefix: str = "", taken: Collection[str] = ()
-) -> list[tuple[str, fx.Node, torch.Tensor]]:
-    """Turn the folded weights (``get_attr`` of the new parameters) into placeholders.
-
-    The placeholders go after ``after`` (default: after the last one); a weight name found in ``taken``
-    is renamed. Returns ``(name, placeholder, tensor)`` per weight, in placeholder order. The backend
-    compiles graphs that take folded weights as inputs, so a refold only swaps tensors; an
-    ExportedProgram lifts every weight by design.
-    """
-    graph = gm.graph
-    anchor = after or [n for n in graph.nodes if n.op == "placeholder"][-1]
-    lifted: dict[str, tuple[str, fx.Node, torch.Tensor]] = {}
-    used = set(taken)
-    for node in list(graph.nodes):
-        if node.op != "get_attr" or not str(node.target).startswith("branchfold_"):
-            continue
-        target = str(node.target)
-        if target not in lifted:
-            value = getattr(gm, target).detach()
-            delattr(gm, target)
-            name, k = target, 0
-            while name in used:
-                k += 1
-                name = f"{target}_{k}"
-            used.add(name)
-            with graph.inserting_after(anchor):
-                anchor = graph.placeholder(prefix + name)
-            anchor.meta["example_value"] = value
-            lifted[target] = (name, anchor, value)
-        node.replace_all_uses_with(lifted[target][1])
-        graph.erase_node(node)
-    graph.lint()
-    gm.recompile()
-    return list(lifted.values())

@@ -5,7 +5,8 @@ their values at fold time. Between two calls a parameter can change in five ways
 different trace:
 
 - an optimizer step (any ``torch.optim.Optimizer``, including ones that write through ``p.data``): the
-  global optimizer step post-hook marks every guard that watches one of the optimizer's parameters;
+  global optimizer step post-hook marks every guard that watches one of the optimizer's parameters (the
+  hook is registered while at least one guard lives, and removed with the last);
 - an in-place update (``load_state_dict``, ``p.mul_(2)`` under ``no_grad``, built-in optimizers): no hook
   fires, only the parameter's version counter moves;
 - ``p.data = t``: the version counter stays, the data pointer moves;
@@ -37,6 +38,7 @@ _DATA_PTR = torch.Tensor.data_ptr
 
 _LIVE: weakref.WeakSet[WeightGuard] = weakref.WeakSet()
 _hook: torch.utils.hooks.RemovableHandle | None = None
+_holders = 0  # live guards that need the hook
 
 
 def picker(positions: Sequence[int]) -> Callable[[Sequence], tuple]:
@@ -70,15 +72,30 @@ def _after_optimizer_step(optimizer: torch.optim.Optimizer, args: object, kwargs
             guard.stale = True
 
 
-def _install_optimizer_hook() -> None:
-    """One global step post-hook for the process, installed when the first guard is made.
+def _hold_optimizer_hook() -> None:
+    """One global step post-hook, registered when the first live guard is made.
 
     It costs an optimizer step one set of parameter ids and an intersection per live guard; an
     optimizer of another model leaves that model's guards alone.
     """
-    global _hook
+    global _hook, _holders
+    _holders += 1
     if _hook is None:
         _hook = register_optimizer_step_post_hook(_after_optimizer_step)
+
+
+def _release_optimizer_hook() -> None:
+    """A guard died: the last one removes the hook, so no optimizer step pays for a backend no longer used."""
+    global _hook, _holders
+    _holders -= 1
+    if _holders == 0 and _hook is not None:
+        _hook.remove()
+        _hook = None
+
+
+def optimizer_hook_registered() -> bool:
+    """Whether the optimizer step hook is registered (it is while some folded graph's guard lives)."""
+    return _hook is not None
 
 
 def _sample(t: torch.Tensor) -> torch.Tensor:
@@ -107,7 +124,8 @@ class WeightGuard:
         self.stale = False
         if self.watched:
             _LIVE.add(self)
-            _install_optimizer_hook()
+            _hold_optimizer_hook()
+            weakref.finalize(self, _release_optimizer_hook)
 
     def fresh(self, args: Sequence) -> bool:
         """Whether every watched parameter is the same tensor, unmodified, as at fold time.

@@ -11,7 +11,6 @@ retried with static shapes and a note says so.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -22,6 +21,7 @@ from torch.export import Dim, ShapesCollection
 from torch.fx._pytree import tree_flatten_spec
 from torch.utils import _pytree as pytree
 
+from branchfold import compat
 from branchfold.errors import CaptureError
 
 CaptureMethod = Literal["export", "symbolic_trace"]
@@ -164,7 +164,7 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool):
 def _free_dims(ep, user_args: tuple, user_kwargs: dict) -> Capture:
     """Read which input dims the exported graph left symbolic, and map them to the user's tensors."""
     module = ep.module()
-    spec = module._in_spec
+    spec = compat.in_spec(module)
     users = tree_flatten_spec((user_args, user_kwargs), spec)
     placeholders = [n for n in module.graph.nodes if n.op == "placeholder"]
     captured = Capture(module)
@@ -298,34 +298,3 @@ def _symbolic_trace_capture(gm: fx.GraphModule, args: tuple, kwargs: dict) -> Ca
             captured.free.append(FreeDim(id(t), 0, symbol))
             captured.sizes[symbol] = int(t.shape[0])
     return captured
-
-
-def dynamo_graph(model: nn.Module, inputs: Sequence[torch.Tensor]) -> tuple[fx.GraphModule, dict, Callable]:
-    """The graph dynamo hands a ``torch.compile`` backend, the placeholder constants, and a runner.
-
-    For running ``FoldBranchesPass(constants=...)`` on the dialect the backend sees (tests, fuzzing).
-
-    Parameters and buffers reach the backend as placeholders; the ones that are not user inputs are
-    the constants ``FoldBranchesPass(constants=...)`` needs.
-    """
-    got: dict = {}
-
-    def backend(gm, example_inputs):
-        got["gm"], got["inputs"] = gm, list(example_inputs)
-        return gm.forward
-
-    torch._dynamo.reset()
-    with torch.no_grad():
-        torch.compile(model, backend=backend, fullgraph=True, dynamic=False)(*inputs)
-    torch._dynamo.reset()
-    gm, example = got["gm"], got["inputs"]
-    user = {id(t) for t in inputs}
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    constants = {p.name: t for p, t in zip(placeholders, example) if id(t) not in user}
-    order = [id(t) for t in example]
-
-    def run(*xs):
-        by_id = dict(zip([id(t) for t in inputs], xs))
-        return gm(*[by_id.get(i, t) for i, t in zip(order, example)])
-
-    return gm, constants, run

@@ -6,32 +6,50 @@ dynamic shapes, range constraints, module call graph and input/output names, and
 Folded weights become new parameters with fresh names (``branchfold_<n>_<hint>``); weights no user op
 reads any more are dropped from the graph, the signature and the state dict; the user's program, its
 state dict and tensors are never modified. The result is checked against the original (example and
-random inputs) and regions that fail are undone, as in ``fold_module``.
+random inputs) and settled as every fold is (``passes.settle``): regions that fail are undone, and the
+original program comes back when the rest fail together.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import fx
 from torch.export import ExportedProgram
 from torch.export.graph_signature import ExportGraphSignature, InputKind, InputSpec, TensorArgument
-from torch.fx.experimental.symbolic_shapes import guarding_hint_or_throw
 from torch.utils import _pytree as pytree
 
+from branchfold import compat
 from branchfold.adapters.fx import FxFoldResult
 from branchfold.errors import InputError
+from branchfold.passes import settle
 from branchfold.passes import verify as verification
-from branchfold.passes.backend import lift_folded_weights
-from branchfold.passes.fx import FoldBranchesPass
-from branchfold.passes.pipeline import FoldResult, build_report, seeded_run
-from branchfold.passes.undo import bisect_passing, only
+from branchfold.passes.fx import FoldBranchesPass, lift_folded_weights
+from branchfold.passes.pipeline import FoldResult, build_report, region_name, seeded_run
+from branchfold.passes.settle import Selection
 from branchfold.rewriter.region import Region
 
 LIFTED = (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
+
+
+@dataclass
+class _Attempt:
+    """One fold of a fresh copy of the program's graph, rebuilt as a program."""
+
+    program: ExportedProgram
+    result: FxFoldResult
+    speed_rewrites = False  # no horizontal fusion here: the program keeps its ops' layout
+
+    @property
+    def regions(self) -> list[Region]:
+        return self.result.regions
+
+    def name(self, region: Region) -> str:
+        return region_name(region.value)
 
 
 def fold_exported_program(
@@ -60,25 +78,21 @@ def fold_exported_program(
         input_sets.append((tuple(verification.random_inputs(args, generator)), kwargs))
     ref_outputs = [seeded_run(reference, a, k, seed) for a, k in input_sets] if verify else None
 
-    def attempt(select: Callable[[Region], bool] | None) -> tuple[ExportedProgram, FxFoldResult]:
+    def attempt(sel: Selection) -> _Attempt:
         gm = fx.GraphModule(ep.graph_module, copy.deepcopy(ep.graph), class_name="BranchfoldProgram")
-        fold = FoldBranchesPass(constants, select)
+        fold = FoldBranchesPass(constants, sel.select())
         with torch.no_grad():
             fold.call(gm)
-        return rebuild(ep, gm), fold.result
+        return _Attempt(rebuild(ep, gm), fold.result)
 
-    def check(candidate: ExportedProgram) -> verification.Check:
-        return verification.check(reference, candidate.module(), input_sets, tolerance, ref_outputs)
+    def check(candidate: _Attempt) -> verification.Check:
+        return verification.check(reference, candidate.program.module(), input_sets, tolerance, ref_outputs)
 
-    folded, result = attempt(None)
-    undone: list[Region] = []
-    outcome = check(folded) if verify else None
-    if outcome is not None and not outcome.ok and result.regions:
-        good = bisect_passing([r.value.name for r in result.regions], lambda names: check(attempt(only(names))[0]).ok)
-        undone = [r for r in result.regions if r.value.name not in good]
-        folded, result = attempt(only(good))
-        outcome = check(folded)
-    report = build_report(reference, folded.module(), result, undone, args, kwargs, outcome, False)
+    checks = [settle.verification(check)] if verify else []
+    settled = settle.settle(attempt, checks)
+    folded, result = settled.candidate.program, settled.candidate.result
+    outcome = settled.outcome(checks[0]).outcome if checks else None
+    report = build_report(reference, folded.module(), result, settled.undone, args, kwargs, outcome, False)
     return FoldResult(folded, report)
 
 
@@ -124,7 +138,7 @@ def _hint(d) -> int:
     if isinstance(d, int):
         return d
     try:
-        return int(guarding_hint_or_throw(d))
+        return int(compat.guarding_hint_or_throw(d))
     except Exception:  # a dimension with no recorded example value: any valid size will do
         return 2
 
@@ -189,9 +203,9 @@ def _renamed_outputs(gm: fx.GraphModule, sig: ExportGraphSignature) -> list:
 def _fill_meta(gm: fx.GraphModule, placeholders: list[fx.Node], values: list[torch.Tensor]) -> None:
     """Fake-tensor ``val`` for the new placeholders and ops: serialization and later passes read it."""
     vals = [n.meta["val"] for n in gm.graph.nodes if "val" in n.meta]
-    fake_mode = torch._guards.detect_fake_mode(vals)
+    fake_mode = compat.detect_fake_mode(vals)
     if fake_mode is None:
-        fake_mode = torch._subclasses.FakeTensorMode()
+        fake_mode = compat.FakeTensorMode()
     for node, value in zip(placeholders, values):
         node.meta.pop("example_value", None)
         node.meta["val"] = fake_mode.from_tensor(value, static_shapes=True)

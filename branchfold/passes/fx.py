@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 
 import torch
 from torch import fx
-from torch.fx.graph import CodeGen, _PyTreeCodeGen
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils import _pytree as pytree
 
+from branchfold import compat
 from branchfold.adapters.fx import FxFoldResult, fold_graph
 from branchfold.passes.fx_inplace import CATEGORY as IN_PLACE
 from branchfold.passes.fx_inplace import FunctionalizeInPlacePass, Mutations
@@ -93,9 +93,9 @@ class PlainCallingConventionPass(PassBase):
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         graph = graph_module.graph
-        codegen = graph._codegen
+        codegen = compat.codegen(graph)
         info = getattr(codegen, "pytree_info", None)
-        if not isinstance(codegen, _PyTreeCodeGen) or info is None or info.out_spec is None:
+        if not isinstance(codegen, compat.PyTreeCodeGen) or info is None or info.out_spec is None:
             return PassResult(graph_module, False)
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
         if info.in_spec != pytree.tree_structure((tuple(range(len(placeholders))), {})):
@@ -108,6 +108,43 @@ class PlainCallingConventionPass(PassBase):
             output.args = (returned[0],)
         elif info.out_spec != pytree.tree_structure(tuple(range(len(returned)))):
             return PassResult(graph_module, False)
-        graph._codegen = CodeGen()
+        compat.set_codegen(graph, compat.CodeGen())
         graph_module.recompile()
         return PassResult(graph_module, True)
+
+
+def lift_folded_weights(
+    gm: fx.GraphModule, after: fx.Node | None = None, prefix: str = "", taken: Collection[str] = ()
+) -> list[tuple[str, fx.Node, torch.Tensor]]:
+    """Turn the folded weights (``get_attr`` of the new parameters) into placeholders.
+
+    The placeholders go after ``after`` (default: after the last one); a weight name found in ``taken``
+    is renamed. Returns ``(name, placeholder, tensor)`` per weight, in placeholder order. The
+    torch.compile backend compiles graphs that take folded weights as inputs, so a refold only swaps
+    tensors; an ExportedProgram lifts every weight by design.
+    """
+    graph = gm.graph
+    anchor = after or [n for n in graph.nodes if n.op == "placeholder"][-1]
+    lifted: dict[str, tuple[str, fx.Node, torch.Tensor]] = {}
+    used = set(taken)
+    for node in list(graph.nodes):
+        if node.op != "get_attr" or not str(node.target).startswith("branchfold_"):
+            continue
+        target = str(node.target)
+        if target not in lifted:
+            value = getattr(gm, target).detach()
+            delattr(gm, target)
+            name, k = target, 0
+            while name in used:
+                k += 1
+                name = f"{target}_{k}"
+            used.add(name)
+            with graph.inserting_after(anchor):
+                anchor = graph.placeholder(prefix + name)
+            anchor.meta["example_value"] = value
+            lifted[target] = (name, anchor, value)
+        node.replace_all_uses_with(lifted[target][1])
+        graph.erase_node(node)
+    graph.lint()
+    gm.recompile()
+    return list(lifted.values())

@@ -32,12 +32,12 @@ What stays in the graph, and why:
   does not fit and is recomputed per call rather than kept resident.
 
 Identical computations of the same stored tensors (two call sites of one module computing ``w * s``) get
-one buffer, so weights the model shares stay shared after the fold.
+one buffer, so weights the model shares stay shared after the fold; equal results of different
+computations are found by value (``adapters.fx_store``, the FX side's one de-duplication).
 """
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,26 +47,12 @@ from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from torch.utils import _pytree as pytree
 
+from branchfold import compat
+from branchfold.adapters.fx_store import StoredOnce
+from branchfold.patterns.fx_alias import alias_parents, is_random, written
+
 MAX_GROWTH = 16  # elements stored / elements of the stored tensors read
 SMALL = 1 << 16  # elements a constant may always hold (256 KiB of fp32)
-
-_INPLACE_OPERATORS = {
-    operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
-    operator.ipow, operator.imatmul, operator.iand, operator.ior, operator.ixor, operator.ilshift,
-    operator.irshift, operator.setitem,
-}  # fmt: skip
-_RANDOM_WORDS = ("rand", "dropout", "bernoulli", "multinomial", "normal", "poisson", "uniform", "exponential",
-                 "geometric", "cauchy", "rrelu")  # fmt: skip
-# Ops that may return (a view of) an input: a mutation of their result mutates what they read.
-_ALIASING_NAMES = {
-    "view", "view_as", "reshape", "reshape_as", "t", "transpose", "permute", "unsqueeze", "squeeze", "expand",
-    "expand_as", "narrow", "select", "slice", "getitem", "__getitem__", "unbind", "split", "chunk", "flatten",
-    "unflatten", "diagonal", "as_strided", "detach", "alias", "contiguous", "to", "type", "type_as", "float",
-    "half", "double", "bfloat16", "movedim", "moveaxis", "swapaxes", "swapdims", "unfold", "real", "imag",
-    "view_as_real", "view_as_complex", "T", "mT", "H", "mH", "split_with_sizes", "tensor_split", "hsplit",
-    "vsplit", "dsplit", "_unsafe_view", "lift_fresh", "data",
-}  # fmt: skip
-
 
 @dataclass
 class FoldedConstant:
@@ -146,46 +132,9 @@ def constants_note(result: ConstantFoldResult | None) -> list[str]:
 def _target_name(node: fx.Node) -> str:
     if node.op == "call_method":
         return str(node.target)
-    if isinstance(node.target, torch._ops.OpOverload):
-        return node.target._schema.name.split("::")[-1]
+    if compat.is_overload(node.target):
+        return compat.schema(node.target).name.split("::")[-1]
     return getattr(node.target, "__name__", str(node.target))
-
-
-def _is_random(node: fx.Node) -> bool:
-    if (
-        isinstance(node.target, torch._ops.OpOverload)
-        and torch.Tag.nondeterministic_seeded in node.target.tags
-    ):
-        return True
-    name = _target_name(node).lower()
-    return any(w in name for w in _RANDOM_WORDS)
-
-
-def _mutated_args(node: fx.Node) -> list[Any]:
-    """The arguments an op writes into (in-place ops, ``out=``, training-mode normalization statistics)."""
-    found: list[Any] = [node.kwargs["out"]] if "out" in node.kwargs else []
-    name = _target_name(node)
-    method_ = node.op == "call_method" and name.endswith("_") and not name.startswith("__")
-    if node.args and (method_ or (node.op == "call_function" and node.target in _INPLACE_OPERATORS)):
-        found.append(node.args[0])
-    elif isinstance(node.target, torch._ops.OpOverload):
-        schema = node.target._schema
-        for i, arg in enumerate(schema.arguments):
-            if arg.alias_info is not None and arg.alias_info.is_write:
-                found.append(node.args[i] if i < len(node.args) else node.kwargs.get(arg.name))
-    elif node.op == "call_function" and name.endswith("_") and not name.startswith("_") and node.args:
-        found.append(node.args[0])  # torch.relu_, torch.add_ ...
-    if ("batch_norm" in name or "instance_norm" in name) and any(
-        a is True for a in list(node.args) + list(node.kwargs.values())
-    ):
-        found += node.all_input_nodes[1:]  # training mode: running statistics are updated
-    return [a for a in found if isinstance(a, fx.Node)]
-
-
-def _may_alias_input(node: fx.Node) -> bool:
-    if isinstance(node.target, torch._ops.OpOverload):
-        return any(r.alias_info is not None for r in node.target._schema.returns)
-    return node.op in ("call_function", "call_method") and _target_name(node) in _ALIASING_NAMES
 
 
 def _tensors(value: Any) -> list[torch.Tensor]:
@@ -205,6 +154,7 @@ class _ConstantFolder:
         self.leaves: dict[fx.Node, torch.Tensor] = {}  # stored tensors the graph reads
         self.const: set[fx.Node] = set()
         self.keys: dict[fx.Node, str] = {}  # structural key: equal keys compute equal values
+        self.equal = StoredOnce()  # equal values from different computations share one buffer too
         self.result = ConstantFoldResult()
 
     # -- which nodes are constant ------------------------------------------------------------------
@@ -228,7 +178,7 @@ class _ConstantFolder:
         stack: list[fx.Node] = []
         storages: set[int] = set()
         for node in self.graph.nodes:
-            stack += _mutated_args(node)
+            stack += written(node, self.gm)
             if node.op == "call_module":
                 for b in self.gm.get_submodule(str(node.target)).buffers():
                     storages |= _storages(b)
@@ -241,8 +191,8 @@ class _ConstantFolder:
                 t = self._leaf(n)
                 if t is not None:
                     storages |= _storages(t)
-            elif _may_alias_input(n):
-                stack += n.all_input_nodes
+            else:
+                stack += alias_parents(n, self.gm)
         return nodes, storages
 
     def _find_constants(self) -> None:
@@ -261,7 +211,7 @@ class _ConstantFolder:
                 self.keys[node] = self._key(node)
 
     def _pure(self, node: fx.Node) -> bool:
-        if node.op not in ("call_function", "call_method") or _mutated_args(node) or _is_random(node):
+        if node.op not in ("call_function", "call_method") or written(node, self.gm) or is_random(node):
             return False
         if node.op == "call_function" and node.is_impure():
             return False
@@ -371,14 +321,17 @@ class _ConstantFolder:
             self.result.kept.append((point.name, why))
             return
         key = self.keys[point]
-        name = stored.get(key)
+        name = stored.get(key)  # the same computation of the same tensors: no need to compare values
         if name is None:
             user = {s for t in self.leaves.values() for s in _storages(t)}
             value = value.detach()
             if _storages(value) & user:
                 value = value.clone()  # never alias a tensor the user may change
-            name = self._fresh_name()
-            self.gm.register_buffer(name, value)
+            name = self.equal.find(value)
+            if name is None:
+                name = self._fresh_name()
+                self.gm.register_buffer(name, value)
+                self.equal.add(value, name)
             stored[key] = name
         with self.graph.inserting_before(point):
             new = self.graph.get_attr(name)
@@ -396,7 +349,8 @@ class _ConstantFolder:
                 return name
 
     def _remove_dead(self) -> None:
-        """Erase the constant ops nothing reads any more (only those: other dead code is not ours)."""
+        """Erase the constant ops nothing reads any more (only those: other dead code is not ours, and
+        ``Graph.eliminate_dead_code`` would also clean the user's GraphModules the graph calls)."""
         for node in reversed(list(self.graph.nodes)):
             if (
                 node in self.const

@@ -13,18 +13,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-_BINDINGS = (torch._C._VariableFunctions, torch._C._nn)
+from branchfold import compat
+
+_BINDINGS = (compat.VARIABLE_FUNCTIONS, compat.NN_BINDINGS)
 
 
-def binding_for(overload: torch._ops.OpOverload) -> Callable | None:
+def binding_for(overload: compat.OpOverload) -> Callable | None:
     """torch's Python binding of an ``aten`` overload, or None where there is none."""
     if overload.namespace != "aten":
         return None
-    name = overload._schema.name.split("::")[-1]
+    name = compat.schema(overload).name.split("::")[-1]
     if name.startswith("_"):
         return None  # private and dunder bindings (``__and__``) have no importable name for FX's codegen
     for namespace in _BINDINGS:
@@ -39,9 +40,9 @@ def binding_for(overload: torch._ops.OpOverload) -> Callable | None:
 _METHODS = {"view", "expand", "view_as", "expand_as", "unfold", "contiguous"}
 
 
-def _method_for(overload: torch._ops.OpOverload) -> str | None:
+def _method_for(overload: compat.OpOverload) -> str | None:
     """The Tensor method of an ``aten`` view op that has no function binding (``view``, ``expand``)."""
-    name = overload._schema.name.split("::")[-1]
+    name = compat.schema(overload).name.split("::")[-1]
     return name if overload.namespace == "aten" and name in _METHODS else None
 
 
@@ -52,7 +53,7 @@ class EagerCallsPass(PassBase):
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         changed = 0
         for node in graph_module.graph.nodes:
-            if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+            if node.op != "call_function" or not compat.is_overload(node.target):
                 continue
             if not _same_arguments(node):
                 continue
@@ -71,7 +72,7 @@ class EagerCallsPass(PassBase):
 
 
 def _same_arguments(node: fx.Node) -> bool:
-    schema = node.target._schema
+    schema = compat.schema(node.target)
     if schema.is_mutable:
         return False  # in-place ops keep their exact overload
     keyword_only = {a.name for a in schema.arguments if a.kwarg_only}

@@ -21,6 +21,7 @@ import torch
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from branchfold import compat
 from branchfold.adapters.fx import Emitter, uses_aten
 from branchfold.passes.fx_inplace import FunctionalizeInPlacePass, Mutations
 from branchfold.patterns import horizontal
@@ -35,7 +36,6 @@ from branchfold.patterns.horizontal import (
     Policy,
 )
 from branchfold.rewriter.affine import Conv, Dense, bias_if_any
-from branchfold.rewriter.region import WalkResult
 
 aten = torch.ops.aten
 
@@ -147,7 +147,7 @@ class _Writer:
         self.gm, self.ctx = gm, ctx
         self.graph = gm.graph
         self.aten = uses_aten(gm.graph)
-        self.emitter = Emitter(gm, ctx, WalkResult([], []))
+        self.emitter = Emitter(gm, ctx)
         self.dead: list[fx.Node] = []
 
     def write(self, source: fx.Node, group: list[Member], fused: Fused) -> None:
@@ -157,7 +157,7 @@ class _Writer:
         dtype, device = _weight_info(self.ctx, first)  # type: ignore[misc]
         dim = fused.axis
         with self.graph.inserting_before(first):
-            wide = self.emitter._apply(fused.map, source, dtype, device, first)
+            wide = self.emitter.write(fused.map, source, dtype, device, first)
             if self.aten:
                 parts = self.graph.call_function(aten.split_with_sizes.default, (wide, list(fused.sizes), dim))
             else:
@@ -232,7 +232,7 @@ def _needs_contiguous(gm: fx.GraphModule, user: fx.Node) -> bool:
         t = user.target
         if t in _CONTIGUOUS_FUNCS or t in _VIEW_FUNCS:
             return True
-        if isinstance(t, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        if isinstance(t, (compat.OpOverload, compat.OpOverloadPacket)):
             return False
         return not (getattr(t, "__module__", "") or "").startswith(("torch", "_operator", "operator", "math"))
     return True

@@ -31,6 +31,7 @@ import torch
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from branchfold import compat
 from branchfold.patterns.fx_alias import alias_class, alias_parents, written
 from branchfold.patterns.fx_ops import dtype_of, shape_of
 from branchfold.rewriter.affine import Diagonal
@@ -53,14 +54,14 @@ def functional_form(node: fx.Node) -> Any | None:
         return None
     if t in _OPERATORS:
         return _OPERATORS[t]
-    if isinstance(t, torch._ops.OpOverload):
-        name = t._schema.name.split("::")[-1]
+    if compat.is_overload(t):
+        name = compat.schema(t).name.split("::")[-1]
         if not name.endswith("_") or name[:-1] not in _ARITHMETIC:
             return None
         packet = getattr(aten, name[:-1], None)
-        overload = getattr(packet, t._overloadname, None) if packet is not None else None
-        same_arguments = overload is not None and [a.name for a in overload._schema.arguments] == [
-            a.name for a in t._schema.arguments
+        overload = getattr(packet, compat.overload_name(t), None) if packet is not None else None
+        same_arguments = overload is not None and [a.name for a in compat.schema(overload).arguments] == [
+            a.name for a in compat.schema(t).arguments
         ]
         return overload if same_arguments else None
     name = getattr(t, "__name__", "")

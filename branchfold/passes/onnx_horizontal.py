@@ -33,7 +33,6 @@ from branchfold.patterns.horizontal import (
 )
 from branchfold.patterns.onnx_ops import OnnxContext, recognize
 from branchfold.rewriter.affine import Conv, Dense, Diagonal, Refusal, bias_if_any, compose_maps
-from branchfold.rewriter.region import WalkResult
 
 
 @dataclass(frozen=True)
@@ -171,7 +170,7 @@ def _summed(node) -> tuple[tuple[ir.Value, ...], ir.Value] | None:
 class _Writer:
     def __init__(self, graph: ir.Graph, opset: int) -> None:
         self.graph, self.opset = graph, opset
-        self.emitter = Emitter(graph, WalkResult([], []))
+        self.emitter = Emitter(graph)
 
     def write(self, source: ir.Value, group: Sequence[Member], fused: Fused) -> None:
         order = {n: i for i, n in enumerate(self.graph)}
@@ -179,22 +178,21 @@ class _Writer:
         first = min((s.first for s in sites), key=order.__getitem__)
         olds = [s.last.outputs[0] for s in sites]
         e = self.emitter
-        e.nodes = []
-        wide = e._apply(fused.map, source, olds[0])
+        wide = e.write(fused.map, source, olds[0])
         wide.shape = _wide_shape(olds, fused)
-        sizes = e._initializer(torch.tensor(fused.sizes, dtype=torch.int64), ir.DataType.INT64, "split")
+        sizes = e.initializer(torch.tensor(fused.sizes, dtype=torch.int64), ir.DataType.INT64, "split")
         axis = ir.AttrInt64("axis", fused.axis)
         if self.opset >= 13:
             split = ir.Node("", "Split", [wide, sizes], [axis], num_outputs=len(olds))
         else:
             split = ir.Node("", "Split", [wide], [axis, ir.AttrInt64s("split", list(fused.sizes))], num_outputs=len(olds))
-        e.nodes.append(split)
+        e.add(split)
         for new, old in zip(split.outputs, olds):
             new.name = e.fresh("split")
             new.dtype, new.shape = old.dtype, old.shape
-        self.graph.insert_before(first, e.nodes)
+        e.insert_before(first)
         for new, old in zip(split.outputs, olds):
-            e._replace(old, new)
+            e.replace(old, new)
 
 
 def _wide_shape(olds: Sequence[ir.Value], fused: Fused) -> ir.Shape | None:

@@ -32,11 +32,11 @@ from branchfold.passes import verify as checks
 from branchfold.passes.onnx import fold_passes
 from branchfold.passes.onnx_horizontal import HorizontalFusionPass
 from branchfold.passes.onnx_untouched import declared_value_info, restore_declared
-from branchfold.passes.pipeline import FoldResult, add_horizontal
+from branchfold.passes.pipeline import FoldResult
 from branchfold.passes.runtime_guard import FusionGuard, Loss, check_transformer_type
-from branchfold.passes.undo import bisect_passing, only
+from branchfold.passes.settle import Check, Selection, Verdict, add_horizontal, settle, verification
 from branchfold.patterns.horizontal import HorizontalMode, HorizontalResult, check_mode
-from branchfold.report import FoldReport, Skipped, Totals, region_report, skipped_report
+from branchfold.report import FoldReport, Totals, region_report, skipped_report
 from branchfold.report_data import op_strip
 from branchfold.rewriter.region import Region
 
@@ -54,16 +54,27 @@ class _Attempt:
     result: OnnxFoldResult
     fused: HorizontalResult
 
+    @property
+    def regions(self) -> list[Region]:
+        return self.result.regions
+
+    @property
+    def speed_rewrites(self) -> bool:
+        return bool(self.fused.fused)
+
+    def name(self, region: Region) -> str:
+        return next(n for r, n in zip(self.result.regions, self.result.names) if r is region)
+
 
 class _Folds:
-    """Folds of fresh copies of the original, keeping only the regions a filter selects (the undo path).
+    """Folds of fresh copies of the original, making the rewrites a ``Selection`` keeps.
 
     The copies come from one weightless ``Snapshot`` (graph serialized once without its big tensors,
     shapes inferred once), so a fold costs the graph, never the weights."""
 
     def __init__(self, snapshot: Snapshot, horizontal: HorizontalMode, declared: dict[str, onnx.ValueInfoProto]) -> None:
         self.snapshot = snapshot
-        self.horizontal = horizontal  # set to "off" once horizontal fusion is given up
+        self.horizontal = horizontal
         self.declared = declared  # the input's own types: a candidate carries these and no inferred ones
 
     def original(self) -> ir.Model:
@@ -72,15 +83,37 @@ class _Folds:
         restore_declared(model, self.declared)
         return model
 
-    def __call__(self, select: Callable[[Region], bool] | None) -> _Attempt:
+    def __call__(self, sel: Selection) -> _Attempt:
         candidate = self.snapshot.model()
-        passes = fold_passes(select, infer_shapes=False)
+        passes = fold_passes(sel.select(), infer_shapes=False)
         passes(candidate)
-        fuse = HorizontalFusionPass(self.horizontal, infer_shapes=False)
+        fuse = HorizontalFusionPass(self.horizontal if sel.horizontal else "off", infer_shapes=False)
         fuse(candidate)
         restore_declared(candidate, self.declared)
         self.snapshot.release()
         return _Attempt(candidate, passes.passes[0].result, fuse.result)
+
+
+class _FusionCheck:
+    """The runtime guard as a ``Check``: built on first use (it optimizes the original once), and only
+    when a candidate rewrites something."""
+
+    def __init__(self, original: ir.Model, runtime: bool, transformer: str | None, say: Progress) -> None:
+        self.original, self.runtime, self.transformer, self.say = original, runtime, transformer, say
+        self.guard: FusionGuard | None = None
+
+    def __call__(self, candidate: _Attempt) -> Verdict:
+        if self.guard is None:
+            self.say("comparing onnxruntime's fusions with the original's")
+            self.guard = FusionGuard(self.original, runtime=self.runtime, transformer=self.transformer)
+        if not self.guard:
+            return Verdict(True)
+        harm = self.guard.losses(candidate.model)
+        return Verdict(not harm, _describe(harm), harm)
+
+    @property
+    def notes(self) -> list[str]:
+        return self.guard.notes if self.guard is not None else []
 
 
 def fold_onnx(
@@ -149,30 +182,26 @@ def fold_onnx(
         checker = _Checker(original, seed, random_checks, tolerance)
 
     say("folding")
-    current = folds(None)
-    undone: list[Skipped] = []
-    notes: list[str] = []
-    outcome = None
+    predicates: list[Check[_Attempt]] = []
     if checker is not None:
-        say("verifying with onnxruntime")
-        current, outcome, failed = _verified(folds, current, checker, say)
-        undone += failed
-    guarded = (verify and runtime_guard) or transformer_guard is not None
-    guard: FusionGuard | None = None
-    if guarded and (outcome is None or outcome.ok) and (current.result.regions or current.fused.fused):
-        say("comparing onnxruntime's fusions with the original's")
-        guard = FusionGuard(original, runtime=verify and runtime_guard, transformer=transformer_guard)
-        notes += guard.notes
-        before = current
-        current, lost, note = _keep_fusions(folds, current, guard, say) if guard else (current, [], None)
-        undone += lost
-        notes += [note] if note else []
-        if checker is not None and current is not before:
-            outcome = checker.check(current.model)
-            if not outcome.ok and (current.result.regions or current.fused.fused):
-                current, outcome, failed = _unfolded(folds, current, checker, say)
-                undone += failed
-    fusions = guard.kernels(current.model) if guard else {}
+        said: list[bool] = []
+
+        def verified(candidate: _Attempt) -> checks.Check:
+            if not said:
+                said.append(True)
+                say("verifying with onnxruntime")
+            return checker.check(candidate.model)
+
+        predicates.append(verification(verified))
+    fusions = None
+    if (verify and runtime_guard) or transformer_guard is not None:
+        fusions = _FusionCheck(original, verify and runtime_guard, transformer_guard, say)
+        predicates.append(Check("lost-fusion", fusions, "cost an onnxruntime fusion", explains=True))
+    settled = settle(folds, predicates, say)
+    current = settled.candidate
+    undone = settled.undone
+    notes = (fusions.notes if fusions is not None else []) + settled.notes
+    outcome = settled.outcome(predicates[0]).outcome if checker is not None else None
     say("writing the report")
     result = current.result
     report = FoldReport(
@@ -182,7 +211,7 @@ def fold_onnx(
         after=totals(current.model),
         notes=notes,
         graph=op_strip(original.graph),
-        fusions=fusions,
+        fusions=fusions.guard.kernels(current.model) if fusions is not None and fusions.guard else {},
     )
     report.not_folded[:0] = undone  # rewrites undone come first: the rendered table shows the first few
     add_horizontal(report, current.fused)
@@ -219,76 +248,6 @@ def _write(model: ir.Model, output: Path, source: Path | None, external_data: bo
     )
     report.written = [str(p) for p in written]
     report.file_error = errors[0] if errors else None
-
-
-def _failed(region: Region, name: str) -> Skipped:
-    return Skipped(name, "failed-check", "folded result differed from the original; undone", list(region.labels))
-
-
-def _verified(folds: _Folds, current: _Attempt, checker: _Checker, say: Progress):
-    """The fold with every rewrite that fails the check undone: horizontal fusion first, then the failing
-    regions (bisection), then everything if the rest still fails together."""
-    outcome = checker.check(current.model)
-    failed: list[Skipped] = []
-    if not outcome.ok and current.fused.fused:
-        say("undoing horizontal fusion")
-        folds.horizontal = "off"  # a speed rewrite is the first thing to give up
-        current = folds(None)
-        outcome = checker.check(current.model)
-    if not outcome.ok and current.result.regions:
-        say("undoing regions that failed the check")
-        names = current.result.names
-        good = bisect_passing(names, lambda keep: checker.check(folds(only(keep)).model).ok)
-        failed = [_failed(r, n) for r, n in zip(current.result.regions, names) if n not in good]
-        current = folds(only(good))
-        outcome = checker.check(current.model)
-    if not outcome.ok and (current.result.regions or current.fused.fused):
-        current, outcome, rest = _unfolded(folds, current, checker, say)
-        failed += rest
-    return current, outcome, failed
-
-
-def _unfolded(folds: _Folds, current: _Attempt, checker: _Checker, say: Progress):
-    """The model unfolded, never a failing one: every remaining rewrite is undone and reported."""
-    say("the remaining rewrites fail together: writing the model unfolded")
-    failed = [_failed(r, n) for r, n in zip(current.result.regions, current.result.names)]
-    folds.horizontal = "off"
-    current = folds(only([]))
-    return current, checker.check(current.model), failed
-
-
-def _keep_fusions(folds: _Folds, current: _Attempt, guard: FusionGuard, say: Progress):
-    """The fold with every rewrite that costs a runtime fusion undone, found as failed checks are: horizontal
-    fusion first, then the regions by bisection (each region's detail names what it cost on its own), then
-    everything if the rest still loses a fusion together. One optimization per candidate, memoized."""
-    harm = guard.losses(current.model)
-    note = None
-    if harm and current.fused.fused:
-        say("undoing horizontal fusion (it cost an onnxruntime fusion)")
-        note = f"horizontal fusion undone: {_describe(harm)}"
-        folds.horizontal = "off"
-        current = folds(only(current.result.names))
-        harm = guard.losses(current.model)
-    if not harm:
-        return current, [], note
-    say("undoing regions that cost an onnxruntime fusion")
-    names = current.result.names
-    seen: dict[tuple[str, ...], list[Loss]] = {tuple(names): harm}
-
-    def keeps(keep: list[str]) -> bool:
-        if tuple(keep) not in seen:
-            seen[tuple(keep)] = guard.losses(folds(only(keep)).model)
-        return not seen[tuple(keep)]
-
-    good = bisect_passing(names, keeps)
-    if good and not keeps(good):  # the passing regions still lose a fusion together: keep none
-        good = []
-    lost = [
-        Skipped(n, "lost-fusion", _describe(seen.get((n,)) or harm), list(r.labels))
-        for r, n in zip(current.result.regions, names)
-        if n not in good
-    ]
-    return folds(only(good)), lost, note
 
 
 def _describe(losses: list[Loss]) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -28,9 +28,9 @@ from branchfold.passes.fx import FoldBranchesPass, PlainCallingConventionPass, S
 from branchfold.passes.fx_constant_fold import ConstantFoldPass, constants_note
 from branchfold.passes.fx_eager_calls import EagerCallsPass
 from branchfold.passes.fx_horizontal import HorizontalFusionPass
-from branchfold.passes.undo import bisect_passing, only
+from branchfold.passes.settle import Selection, add_horizontal, settle, verification
 from branchfold.patterns.horizontal import HorizontalMode, HorizontalResult, check_mode
-from branchfold.report import FoldReport, Skipped, Totals, horizontal_report, region_report, skipped_report
+from branchfold.report import FoldReport, Totals, region_report, skipped_report
 from branchfold.report_data import op_strip
 from branchfold.rewriter.region import Region
 
@@ -41,6 +41,26 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 class FoldResult:
     model: object
     report: FoldReport
+
+
+@dataclass
+class _Attempt:
+    """One fold of a fresh copy of the captured graph, and what the two passes did."""
+
+    model: fx.GraphModule
+    result: FxFoldResult
+    fusion: HorizontalResult
+
+    @property
+    def regions(self) -> list[Region]:
+        return self.result.regions
+
+    @property
+    def speed_rewrites(self) -> bool:
+        return bool(self.fusion.fused)
+
+    def name(self, region: Region) -> str:
+        return region_name(region.value)
 
 
 def fold_module(
@@ -103,47 +123,29 @@ def fold_module(
     constant_fold.call(constants)
     pristine = copy.deepcopy(constants.graph)
 
-    def attempt(
-        select: Callable[[Region], bool] | None, fuse_mode: HorizontalMode
-    ) -> tuple[fx.GraphModule, FxFoldResult, HorizontalResult]:
+    def attempt(sel: Selection) -> _Attempt:
         candidate = fx.GraphModule(constants, copy.deepcopy(pristine), class_name=type(gm).__name__)
-        fold = FoldBranchesPass(select=select)
+        fold = FoldBranchesPass(select=sel.select())
         fold.call(candidate)
-        fuse = HorizontalFusionPass(fuse_mode)
+        fuse = HorizontalFusionPass(horizontal if sel.horizontal else "off")
         fuse.call(candidate)
         drop_dead_size_arithmetic(candidate)  # a free batch's twin of what constant folding removed
         PlainCallingConventionPass().call(candidate)
         EagerCallsPass().call(candidate)  # aten overloads through torch's bindings: exact, faster eager
-        return candidate, fold.result, fuse.result
+        return _Attempt(candidate, fold.result, fuse.result)
 
-    def check(candidate: fx.GraphModule) -> verify.Check:
+    def check(candidate: _Attempt) -> verify.Check:
         return verify.check(
-            reference, lambda *a, **k: seeded_run(candidate, a, k, seed), input_sets, tolerance, ref_outputs
+            reference, lambda *a, **k: seeded_run(candidate.model, a, k, seed), input_sets, tolerance, ref_outputs
         )
 
-    fuse_mode = horizontal
-    folded, result, fused = attempt(None, fuse_mode)
-    undone: list[Region] = []
-    outcome = check(folded) if verify_result else None
-    if outcome is not None and not outcome.ok and fused.fused:
-        fuse_mode = "off"  # a speed rewrite is the first thing to give up
-        folded, result, fused = attempt(None, fuse_mode)
-        outcome = check(folded)
-    if outcome is not None and not outcome.ok and result.regions:
-        good = bisect_passing(
-            [r.value.name for r in result.regions], lambda names: check(attempt(only(names), fuse_mode)[0]).ok
-        )
-        undone = [r for r in result.regions if r.value.name not in good]
-        folded, result, fused = attempt(only(good), fuse_mode)
-        outcome = check(folded)
-    if outcome is not None and not outcome.ok and (result.regions or fused.fused):
-        undone += result.regions  # they pass one by one but not together: ship nothing folded
-        fuse_mode = "off"
-        folded, result, fused = attempt(only([]), fuse_mode)
-        outcome = check(folded)
+    checks = [verification(check)] if verify_result else []
+    settled = settle(attempt, checks)
+    folded, result, fused = settled.candidate.model, settled.candidate.result, settled.candidate.fusion
+    outcome = settled.outcome(checks[0]).outcome if checks else None
     final = fx.GraphModule(folded, folded.graph, class_name=type(gm).__name__)  # drops unused weights
     final.training = training  # the top-level flag only: submodules keep their own modes (a BN left in training)
-    report = build_report(gm, final, result, undone, args, kwargs, outcome, training)
+    report = build_report(gm, final, result, settled.undone, args, kwargs, outcome, training)
     add_horizontal(report, fused)
     report.notes += constants_note(constant_fold.result)
     report.notes += captured.notes
@@ -333,33 +335,22 @@ def count_macs(module: nn.Module, args: tuple, kwargs: dict) -> int:
     return counter.get_total_flops() // 2
 
 
-def _name(key) -> str:
+def region_name(key) -> str:
+    """A region's or a skipped op's name in the report: the module path of a module call, else the node's name."""
     if isinstance(key, fx.Node):
         return str(key.target) if key.op == "call_module" else key.name
     return str(key)
 
 
-def add_horizontal(report: FoldReport, result: HorizontalResult) -> None:
-    """Fused sibling groups as ``horizontal`` regions; groups the policy left alone as skipped."""
-    for g in result.groups:
-        if g.fused:
-            report.folded.append(horizontal_report(g.ops, g.source, g.sizes, g.kind))
-        else:
-            report.not_folded.append(Skipped(g.source, "horizontal-policy", g.reason, g.ops))
-
-
 def build_report(gm, final, result, undone, args, kwargs, outcome, training) -> FoldReport:
     report = FoldReport(
-        folded=[region_report(r, _name(r.value)) for r in result.regions],
-        not_folded=[skipped_report(n, _name(n.where)) for n in result.not_folded],
+        folded=[region_report(r, region_name(r.value)) for r in result.regions],
+        not_folded=[skipped_report(n, region_name(n.where)) for n in result.not_folded],
         before=Totals(count_ops(gm), count_params(gm), _safe_macs(gm, args, kwargs)),
         after=Totals(count_ops(final), count_params(final), _safe_macs(final, args, kwargs)),
         graph=op_strip(gm.graph.nodes),
     )
-    report.not_folded += [
-        Skipped(_name(r.value), "failed-check", "folded result differed from the original; undone", list(r.labels))
-        for r in undone
-    ]
+    report.not_folded += undone
     if outcome is not None:
         report.max_error, report.tolerance, report.verified = outcome.error, outcome.tolerance, outcome.ok
     if training:

@@ -41,6 +41,7 @@ import contextlib
 import logging
 import os
 import re
+import sys
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -240,21 +241,43 @@ def check_transformer_type(model_type: str) -> None:
         )
 
 
+class _ErrorsOnly(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+
 @contextlib.contextmanager
 def _quiet_logging() -> Iterator[None]:
-    """The transformer optimizer logs every fusion it tries (its modules log under bare names)."""
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)
+    """The transformer optimizer logs every fusion it tries, under its modules' bare names (``onnx_model``,
+    ``fusion_attention``): while it runs, those loggers, and only those, keep their errors alone. Nothing
+    else of the process's logging changes."""
+    import onnxruntime.transformers as package
+
+    folder = os.path.dirname(package.__file__)
+    loggers = [
+        logger
+        for name, logger in list(logging.root.manager.loggerDict.items())
+        if isinstance(logger, logging.Logger) and _module_file(name).startswith(folder)
+    ]
+    quiet = _ErrorsOnly()
+    for logger in loggers:
+        logger.addFilter(quiet)
     try:
         yield
     finally:
-        logging.disable(previous)
+        for logger in loggers:
+            logger.removeFilter(quiet)
+
+
+def _module_file(name: str) -> str:
+    module = sys.modules.get(name)
+    return getattr(module, "__file__", None) or ""
 
 
 def transformer_profile(model: Model, model_type: str) -> Profile:
     """The profile of what ``optimize_model(model_type=...)`` (default options, heads and hidden size
     detected from the graph) makes of ``model``."""
-    from onnxruntime.transformers.optimizer import optimize_model
+    from onnxruntime.transformers.optimizer import optimize_model  # imports the modules whose loggers talk
 
     with _model_file(model) as path, _quiet_logging():
         optimizer = optimize_model(path, model_type=model_type, num_heads=0, hidden_size=0)

@@ -1,4 +1,4 @@
-"""Undoing the regions whose rewrite failed its check, shared by every fold pipeline and the backend.
+"""Halving a set of regions down to the ones whose rewrite passes a check.
 
 Any subset of a walk's regions can be emitted on its own (a region's source is a value the graph
 computes either way), so the failing ones can be found by halving and the rest kept.
@@ -6,18 +6,18 @@ computes either way), so the failing ones can be found by halving and the rest k
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection
 
 from branchfold.rewriter.region import Region
 
 
-def only(names: Sequence[str]) -> Callable[[Region], bool]:
-    """A region filter keeping the regions whose value has one of ``names``."""
-    keep = set(names)
-    return lambda r: r.value.name in keep
+def only(ids: Collection[int]) -> Callable[[Region], bool]:
+    """A region filter keeping the regions whose adapter-given id is one of ``ids``."""
+    keep = frozenset(ids)
+    return lambda r: r.id in keep
 
 
-def bisect_passing(items: list[str], ok: Callable[[list[str]], bool]) -> list[str]:
+def bisect_passing(items: list[int], ok: Callable[[list[int]], bool]) -> list[int]:
     """The items that pass ``ok``, found by halving (failures are rare and few)."""
     if not items or ok(items):
         return items

@@ -2,16 +2,18 @@
 
 A dialect's recognizer only finds the op's constant operands and attributes and calls one of these;
 the checks that make a fold exact (training mode, broadcast axis, pooling semantics, transposed
-convs) live here, once.
+convs), arithmetic with a constant operand and the shared-weight marking live here, once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Collection, Sequence
 
 import torch
 
 from branchfold.rewriter.affine import F64, Conv, Dense, Diagonal, Refusal, stored
+from branchfold.rewriter.region import Op
 
 
 def _f64(t: torch.Tensor | float | int) -> torch.Tensor:
@@ -136,6 +138,36 @@ def shift_constant(const, x_shape) -> Diagonal:
     """``x + const`` with a per-channel (or scalar) constant."""
     d = channel_constant(const, x_shape)
     return Diagonal(torch.ones_like(d.scale), d.scale, d.axis)
+
+
+def arithmetic_constant(kind: str, const, x_shape, constant_first: bool = False) -> Diagonal | None:
+    """``x ⊕ const`` (``const ⊕ x`` with ``constant_first``) for ``kind`` in add, sub, mul, div, as a
+    per-channel map of ``x``; None for ``const / x``, which is not linear. ``c - x`` is ``-x + c``."""
+    if kind == "add":
+        return shift_constant(const, x_shape)
+    if kind == "sub" and not constant_first:
+        return shift_constant(-_f64(const), x_shape)
+    if kind == "sub":
+        d = shift_constant(const, x_shape)
+        return Diagonal(-d.scale, d.shift, d.axis)
+    if kind == "mul":
+        return channel_constant(const, x_shape)
+    if kind == "div" and not constant_first:
+        return channel_constant(1.0 / _f64(const), x_shape)
+    return None
+
+
+def mark_shared(ops: Sequence[Op], reads: Callable[[Op], Collection[str]]) -> None:
+    """Flag the affine ops whose stored tensors (``reads``: their names, as the dialect counts readers)
+    another op reads too: a module called from several places, an initializer used twice.
+
+    Folding never writes into a stored tensor; the flag keeps the walk from merging a shared weight with a
+    private one, which would un-share it (``shared-weight``)."""
+    stored = {op.key: frozenset(reads(op)) for op in ops}
+    readers = Counter(name for names in stored.values() for name in names)
+    for op in ops:
+        if op.kind == "affine" and stored[op.key]:
+            op.shared = any(readers[name] > 1 for name in stored[op.key])
 
 
 def avg_pool(

@@ -8,7 +8,12 @@ memory in between. So the FX side needs two facts about every node, in all three
   ``F.relu(x, inplace=True)``, ``nn.ReLU(inplace=True)``, ``out=``, ``setitem``, ...);
 - ``alias_parents(node)``: the inputs its result may share memory with (views, ``detach``, eval-mode
   dropout and ``nn.Identity``, which return their input, in-place ops, which return ``self``, and any
-  op we cannot see into).
+  op we cannot see into);
+- ``is_random(node)``: whether it draws from the random generator (ATen's ``nondeterministic_seeded``
+  tag), so that running it once is not running it on every call.
+
+The in-place pass, the recognizers and the constant folder all read these, so they agree on what an op
+writes and what it aliases.
 
 ATen overloads answer from their schemas (alias annotations); torch functions and tensor methods are
 looked up by name among the ATen schemas; modules of ``torch.nn`` are known; anything else (a user's
@@ -27,6 +32,8 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from branchfold import compat
+
 aten = torch.ops.aten
 
 _IN_PLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
@@ -40,7 +47,7 @@ _PURE_OPERATORS = {operator.add, operator.sub, operator.mul, operator.truediv, o
 # Return their input (or may) although their schema shows no alias: eval-mode dropout, same-dtype casts.
 _MAY_RETURN_INPUT = {"dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout", "type_as", "to",
                      "contiguous", "float", "double", "half", "bfloat16", "type", "cpu", "cuda"}  # fmt: skip
-_ALIAS_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.modules.dropout._DropoutNd)
+_ALIAS_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, compat.DropoutBase)
 
 
 def _name(target: Any) -> str | None:
@@ -58,11 +65,11 @@ def _name(target: Any) -> str | None:
 def _schema_says(name: str) -> str:
     """What the non-``out`` overloads of ``aten.<name>`` return: "fresh", "alias" or "unknown"."""
     packet = getattr(aten, name, None) if name.isidentifier() else None
-    if packet is None or not isinstance(packet, torch._ops.OpOverloadPacket):
+    if packet is None or not isinstance(packet, compat.OpOverloadPacket):
         return "unknown"
     kinds = set()
     for overload in packet.overloads():
-        schema = getattr(packet, overload)._schema
+        schema = compat.schema(getattr(packet, overload))
         if schema.is_mutable and overload.endswith("out"):
             continue
         kinds.add("alias" if schema.is_mutable or any(r.alias_info for r in schema.returns) else "fresh")
@@ -78,20 +85,35 @@ def _bound(node: fx.Node) -> dict[str, Any] | None:
 
 
 def written(node: fx.Node, gm: fx.GraphModule | None = None) -> tuple[fx.Node, ...]:
-    """The input nodes ``node`` writes in place (empty for a pure op)."""
+    """The input nodes ``node`` writes in place (empty for a pure op); a normalization in training mode
+    writes its running statistics."""
     found: list[Any] = []
     for k, v in node.kwargs.items():
         if k == "out":
             found.extend(v if isinstance(v, (tuple, list)) else (v,))
     t = node.target
-    if node.op == "call_function" and isinstance(t, torch._ops.OpOverload):
-        names = [a.name for a in t._schema.arguments]
-        for i, arg in enumerate(t._schema.arguments):
+    if node.op == "call_function" and compat.is_overload(t):
+        names = [a.name for a in compat.schema(t).arguments]
+        for i, arg in enumerate(compat.schema(t).arguments):
             if arg.alias_info is not None and arg.alias_info.is_write:
                 found.append(node.args[i] if i < len(node.args) else node.kwargs.get(names[i]))
     elif node.args and _writes_first_argument(node, gm):
         found.append(node.args[0])
+    if _updates_statistics(node):
+        found += node.all_input_nodes[1:]
     return tuple(dict.fromkeys(a for a in found if isinstance(a, fx.Node)))
+
+
+def _updates_statistics(node: fx.Node) -> bool:
+    """``batch_norm``/``instance_norm`` called with a ``True`` flag (training): its schema declares no write
+    (the composite op updates the running statistics inside), so the flag is what tells."""
+    if node.op != "call_function":
+        return False
+    t = node.target
+    name = compat.schema(t).name.split("::")[-1] if compat.is_overload(t) else (_name(t) or "")
+    if "batch_norm" not in name and "instance_norm" not in name:
+        return False
+    return any(a is True for a in list(node.args) + list(node.kwargs.values()))
 
 
 _IN_PLACE_DUNDERS = {"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__"}
@@ -136,14 +158,54 @@ def alias_parents(node: fx.Node, gm: fx.GraphModule | None = None) -> tuple[fx.N
         return first  # a tuple's element, or an index/slice view of a tensor
     if t in _PURE_OPERATORS:
         return ()
-    if isinstance(t, torch._ops.OpOverload):
-        if t._schema.name.split("::")[-1] in _MAY_RETURN_INPUT:
+    if compat.is_overload(t):
+        if compat.schema(t).name.split("::")[-1] in _MAY_RETURN_INPUT:
             return first
-        return first if any(r.alias_info for r in t._schema.returns) else ()
+        return first if any(r.alias_info for r in compat.schema(t).returns) else ()
     name = _name(t)
     if name is None or name in _MAY_RETURN_INPUT:
         return inputs if name is None else first
     return () if _schema_says(name) == "fresh" else inputs
+
+
+@cache
+def _seeded(name: str) -> bool | None:
+    """Whether some overload of ``aten.<name>`` is tagged ``nondeterministic_seeded`` (None: no such op)."""
+    packet = getattr(aten, name, None) if name.isidentifier() else None
+    if packet is None or not isinstance(packet, compat.OpOverloadPacket):
+        return None
+    return any(torch.Tag.nondeterministic_seeded in getattr(packet, o).tags for o in packet.overloads())
+
+
+def _calls_seeded(fn: Any, depth: int = 2) -> bool:
+    """A Python function (``F.dropout2d``, a user's helper) that calls a seeded op by name, looked up in
+    the names its code reads (``_VF.feature_dropout``) and, ``depth`` levels down, in the functions it calls."""
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return False
+    scope = getattr(fn, "__globals__", {})
+    for word in code.co_names:
+        if _seeded(word):
+            return True
+        inner = scope.get(word)
+        if depth > 0 and callable(inner) and inner is not fn and _calls_seeded(inner, depth - 1):
+            return True
+    return False
+
+
+def is_random(node: fx.Node) -> bool:
+    """Whether ``node`` draws random numbers: from ATen's tags for an overload or a torch function or
+    method of that name, else from the ops a Python function calls (a ``call_module`` is never evaluated
+    at fold time, so it is not asked)."""
+    t = node.target
+    if node.op == "call_function" and compat.is_overload(t):
+        return torch.Tag.nondeterministic_seeded in t.tags
+    if node.op not in ("call_function", "call_method"):
+        return False
+    name = _name(t)
+    if name is not None and _seeded(name):
+        return True
+    return node.op == "call_function" and _calls_seeded(t)
 
 
 def alias_class(value: fx.Node, gm: fx.GraphModule | None = None) -> set[fx.Node]:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from branchfold import compat
 from branchfold.patterns import canonical
 from branchfold.patterns.fx_alias import alias_class, written
 from branchfold.rewriter.affine import Refusal
@@ -197,18 +198,18 @@ def _matmul(ctx, node, names):
 
 def _conv(ctx, node, names):
     b = _bind(node, names, {"stride": 1, "padding": 0, "dilation": 1, "groups": 1, "transposed": False})
-    if b.get("transposed") or any(b.get("output_padding") or ()):
-        raise Refusal("geometry", "transposed convolution")
+    transposed = bool(b.get("transposed") or any(b.get("output_padding") or ()))
     w = _need(ctx, b["weight"], "conv weight")
     return b["input"], canonical.conv(
-        w, _need(ctx, b.get("bias"), "conv bias", True), b["stride"], b["padding"], b["dilation"], b["groups"]
-    )
+        w, _need(ctx, b.get("bias"), "conv bias", True), b["stride"], b["padding"], b["dilation"], b["groups"],
+        transposed=transposed,
+    )  # fmt: skip
 
 
 def _batch_norm(ctx, node, names):
     b = _bind(node, names, {"weight": None, "bias": None, "training": False, "eps": 1e-5})
-    if b["training"]:
-        raise Refusal("training-mode", "BatchNorm in training mode uses batch statistics")
+    if b["training"]:  # before the constants: batch statistics make them irrelevant
+        return b["input"], canonical.batch_norm(None, None, None, None, b["eps"], None, training=True)
     get = lambda k, what: _need(ctx, b.get(k), what, optional=True)  # noqa: E731
     return b["input"], canonical.batch_norm(
         get("running_mean", "BatchNorm mean"), get("running_var", "BatchNorm variance"),
@@ -248,7 +249,7 @@ _F_DROPOUT = ("input", "p", "training")
 
 UNARY: dict[Any, tuple[Callable, tuple[str, ...], str]] = {
     F.linear: (_linear, _LINEAR, "linear"),
-    torch._C._nn.linear: (_linear, _LINEAR, "linear"),
+    compat.NN_BINDINGS.linear: (_linear, _LINEAR, "linear"),
     aten.linear.default: (_linear, _LINEAR, "linear"),
     aten.addmm.default: (_addmm, (), "linear"),
     aten.mm.default: (_matmul, (), "linear"),
@@ -271,8 +272,8 @@ for _nd in (1, 2, 3):
         UNARY[_f] = (_conv, _CONV, "conv")
     for _f in (getattr(F, f"avg_pool{_nd}d"), getattr(aten, f"avg_pool{_nd}d").default):
         UNARY[_f] = (_avg_pool, _POOL, "avg_pool")
-    if hasattr(torch._C._nn, f"avg_pool{_nd}d"):
-        UNARY[getattr(torch._C._nn, f"avg_pool{_nd}d")] = (_avg_pool, _POOL, "avg_pool")
+    if hasattr(compat.NN_BINDINGS, f"avg_pool{_nd}d"):
+        UNARY[getattr(compat.NN_BINDINGS, f"avg_pool{_nd}d")] = (_avg_pool, _POOL, "avg_pool")
 UNARY[aten.convolution.default] = (_conv, _ATEN_CONVOLUTION, "conv")
 UNARY[torch.avg_pool1d] = (_avg_pool, _POOL, "avg_pool")
 
@@ -393,13 +394,7 @@ def _add_sub(ctx: FxContext, node: fx.Node, kind: str) -> Op | None:
     x, c = (a, cb) if cb is not None else (b, ca)
     if not isinstance(x, fx.Node):
         return None
-    if kind == "add":
-        m = canonical.shift_constant(c, shape_of(x))
-    elif cb is not None:  # x - c
-        m = canonical.shift_constant(-c if isinstance(c, float) else -c.double(), shape_of(x))
-    else:  # c - x
-        d = canonical.shift_constant(c, shape_of(x))
-        m = type(d)(-d.scale, d.shift, d.axis)
+    m = canonical.arithmetic_constant(kind, c, shape_of(x), constant_first=cb is None)
     return Op(node, "affine", (x,), node, m, label="shift")
 
 
@@ -412,14 +407,11 @@ def _mul_div(ctx: FxContext, node: fx.Node, div: bool) -> Op | None:
     ca, cb = _const_operand(ctx, a), _const_operand(ctx, b)
     if (ca is None) == (cb is None):
         return None
-    if div and cb is None:
-        return None  # c / x is not linear
     x, c = (a, cb) if cb is not None else (b, ca)
     if not isinstance(x, fx.Node):
         return None
-    if div:
-        c = 1.0 / c if isinstance(c, float) else 1.0 / c.double()
-    return Op(node, "affine", (x,), node, canonical.channel_constant(c, shape_of(x)), label="scale")
+    m = canonical.arithmetic_constant("div" if div else "mul", c, shape_of(x), constant_first=cb is None)
+    return None if m is None else Op(node, "affine", (x,), node, m, label="scale")
 
 
 def _layer_norm(ctx, node, x, normalized_shape, weight, bias) -> Op | None:
@@ -444,11 +436,9 @@ def _recognize_module(ctx: FxContext, node: fx.Node) -> Op | None:
     if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         return affine(canonical.conv(mod.weight, mod.bias, mod.stride, mod.padding, mod.dilation, mod.groups,
                                      mod.padding_mode))  # fmt: skip
-    if isinstance(mod, nn.modules.batchnorm._BatchNorm):
-        if mod.training or not mod.track_running_stats:
-            raise Refusal("training-mode", f"{label} uses batch statistics (training mode)")
+    if isinstance(mod, compat.BatchNormBase):
         return affine(canonical.batch_norm(mod.running_mean, mod.running_var, mod.weight, mod.bias, mod.eps,
-                                           _rank(x)))  # fmt: skip
+                                           _rank(x), training=mod.training))  # fmt: skip
     if isinstance(mod, nn.LayerNorm):
         if not mod.elementwise_affine:
             return None
@@ -458,7 +448,7 @@ def _recognize_module(ctx: FxContext, node: fx.Node) -> Op | None:
         return affine(canonical.avg_pool(mod.kernel_size, mod.stride, mod.padding, _channels(x), nd,
                                          mod.ceil_mode, mod.count_include_pad,
                                          getattr(mod, "divisor_override", None)))  # fmt: skip
-    if isinstance(mod, nn.modules.dropout._DropoutNd):
+    if isinstance(mod, compat.DropoutBase):
         if mod.training and mod.p > 0:
             raise Refusal("training-mode", f"{label} in training mode is not the identity")
         return affine(canonical.channel_constant(1.0, None))

@@ -21,15 +21,26 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import onnx_ir as ir
 import torch
 import torch.nn.functional as F
 
-if TYPE_CHECKING:
-    from branchfold.patterns.onnx_ops import OnnxContext
+
+class ConstantReader(Protocol):
+    """What the matchers read of a graph: ``patterns.onnx_ops.OnnxContext`` provides it (a protocol here,
+    so that this module does not import the recognizer that imports it)."""
+
+    graph: ir.Graph
+
+    def const(self, v: ir.Value | None) -> np.ndarray | None: ...
+
+    def is_const(self, v: ir.Value | None) -> bool: ...
+
+    def dims(self, v: ir.Value | None) -> tuple[int | str | None, ...] | None: ...
+
 
 _DOMAINS = ("", "ai.onnx")
 _FLOAT_CASTS = {int(t) for t in (ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)}
@@ -49,7 +60,7 @@ class Nonlinearity:
         return f"{self.kind} (decomposed)"
 
 
-def find_nonlinearities(ctx: OnnxContext) -> list[Nonlinearity]:
+def find_nonlinearities(ctx: ConstantReader) -> list[Nonlinearity]:
     """Every decomposed nonlinearity of ``ctx.graph`` (main graph only), each node in at most one."""
     found: list[Nonlinearity] = []
     taken: set[ir.Node] = set()
@@ -64,7 +75,7 @@ def find_nonlinearities(ctx: OnnxContext) -> list[Nonlinearity]:
     return found
 
 
-def protected_nodes(ctx: OnnxContext) -> dict[ir.Node, Nonlinearity]:
+def protected_nodes(ctx: ConstantReader) -> dict[ir.Node, Nonlinearity]:
     """Node → the nonlinearity it belongs to, for the recognizers to make those nodes opaque."""
     return {n: nl for nl in find_nonlinearities(ctx) for n in nl.nodes}
 
@@ -87,7 +98,7 @@ def _sole_consumer(v: ir.Value) -> ir.Node | None:
     return users[0] if len(users) == 1 and not v.is_graph_output() else None
 
 
-def _scalar(ctx: OnnxContext, v: ir.Value | None) -> float | None:
+def _scalar(ctx: ConstantReader, v: ir.Value | None) -> float | None:
     c = ctx.const(v)
     if c is None or c.size != 1 or not np.issubdtype(c.dtype, np.number):
         return None
@@ -186,7 +197,7 @@ class _Evaluator:
     """Evaluates values as element-wise functions of one value ``x`` on ``_SAMPLES``; records the
     nodes it went through (those are the activation's nodes)."""
 
-    def __init__(self, ctx: OnnxContext, x: ir.Value) -> None:
+    def __init__(self, ctx: ConstantReader, x: ir.Value) -> None:
         self.ctx, self.x = ctx, x
         self.memo: dict[ir.Value, torch.Tensor] = {x: _SAMPLES}
         self.nodes: dict[ir.Node, None] = {}
@@ -223,7 +234,7 @@ def _swish_kind(inner: torch.Tensor, tol: float) -> str | None:
     return "silu" if abs(beta - 1) <= tol else "quick_gelu" if abs(beta - 1.702) <= 2 * tol else "swish"
 
 
-def _candidate_inputs(ctx: OnnxContext, anchor: ir.Node) -> list[ir.Value]:
+def _candidate_inputs(ctx: ConstantReader, anchor: ir.Node) -> list[ir.Value]:
     """Values an activation around ``anchor`` may start from: the anchor's input and the values before
     it through element-wise ops, nearest first."""
     found: dict[ir.Value, None] = {}
@@ -241,7 +252,7 @@ def _candidate_inputs(ctx: OnnxContext, anchor: ir.Node) -> list[ir.Value]:
     return list(found)
 
 
-def _activation(ctx: OnnxContext, anchor: ir.Node) -> Nonlinearity | None:
+def _activation(ctx: ConstantReader, anchor: ir.Node) -> Nonlinearity | None:
     """The activation around a transcendental/clip node: the longest chain after ``anchor`` that equals
     a known activation of one value before it."""
     for x in _candidate_inputs(ctx, anchor):
@@ -286,7 +297,7 @@ def _which(anchor: ir.Node, inner: torch.Tensor, got: torch.Tensor, tol: float) 
 # LayerNorm and RMSNorm
 
 
-def _reduces_last_axis(ctx: OnnxContext, node: ir.Node) -> bool:
+def _reduces_last_axis(ctx: ConstantReader, node: ir.Node) -> bool:
     """A ReduceMean over the last axis only, keeping it (what LayerNorm fusions require)."""
     if not _is(node, "ReduceMean") or node.attributes.get_int("keepdims", 1) != 1:
         return False
@@ -300,13 +311,13 @@ def _reduces_last_axis(ctx: OnnxContext, node: ir.Node) -> bool:
     return axes[0] % len(dims) == len(dims) - 1
 
 
-def _last_axis_vector(ctx: OnnxContext, v: ir.Value, rank: int) -> bool:
+def _last_axis_vector(ctx: ConstantReader, v: ir.Value, rank: int) -> bool:
     """A constant that varies along the last axis only (γ, β of a norm)."""
     c = ctx.const(v)
     return c is not None and c.ndim <= rank and all(d == 1 for d in c.shape[:-1])
 
 
-def _norm(ctx: OnnxContext, var_mean: ir.Node) -> Nonlinearity | None:
+def _norm(ctx: ConstantReader, var_mean: ir.Node) -> Nonlinearity | None:
     """``mean(d²) → + ε → √ → d / · (or d · 1/·) → [Cast] → · γ → + β`` with ``d = x − mean(x)``
     (LayerNorm) or ``d = x`` (RMSNorm), each over the last axis."""
     if not _reduces_last_axis(ctx, var_mean):
@@ -347,7 +358,7 @@ def _norm(ctx: OnnxContext, var_mean: ir.Node) -> Nonlinearity | None:
     return Nonlinearity(kind, tuple(nodes), x, cur)
 
 
-def _normalize(ctx: OnnxContext, var_eps: ir.Value, d: ir.Value, nodes: list[ir.Node]) -> ir.Value | None:
+def _normalize(ctx: ConstantReader, var_eps: ir.Value, d: ir.Value, nodes: list[ir.Node]) -> ir.Value | None:
     """``d / √v``, ``d · (1/√v)`` or ``d · v^-0.5``: the normalized value, appending the nodes."""
     step = _sole_consumer(var_eps)
     if _is(step, "Pow") and _scalar(ctx, step.inputs[1]) == -0.5:
@@ -375,7 +386,7 @@ def _normalize(ctx: OnnxContext, var_eps: ir.Value, d: ir.Value, nodes: list[ir.
 # the scale of attention scores
 
 
-def _is_scale(ctx: OnnxContext, node: ir.Node | None) -> ir.Value | None:
+def _is_scale(ctx: ConstantReader, node: ir.Node | None) -> ir.Value | None:
     """A Mul/Div of a value by a scalar (constant, or computed from shapes): the scaled value."""
     if not _is(node, "Mul", "Div"):
         return None
@@ -390,7 +401,7 @@ def _is_scale(ctx: OnnxContext, node: ir.Node | None) -> ir.Value | None:
     return None
 
 
-def _attention_scale(ctx: OnnxContext, softmax: ir.Node) -> Nonlinearity | None:
+def _attention_scale(ctx: ConstantReader, softmax: ir.Node) -> Nonlinearity | None:
     """``MatMul(q, kᵀ) → scale → [+ mask] → Softmax``, or q and kᵀ each scaled before the MatMul
     (the dynamo exporter's form): the scale Muls/Divs and constant mask Adds, which runtimes fuse
     into the attention (``FusedMatMul`` alpha, ``Attention``)."""
@@ -425,7 +436,7 @@ def _attention_scale(ctx: OnnxContext, softmax: ir.Node) -> Nonlinearity | None:
     return Nonlinearity("attention_scale", tuple(nodes), matmul.inputs[0], softmax.inputs[0])
 
 
-def _reaches_matmul(ctx: OnnxContext, v: ir.Value, steps: int = 4) -> bool:
+def _reaches_matmul(ctx: ConstantReader, v: ir.Value, steps: int = 4) -> bool:
     for _ in range(steps):
         node = v.producer()
         if _is(node, "MatMul"):
@@ -438,7 +449,7 @@ def _reaches_matmul(ctx: OnnxContext, v: ir.Value, steps: int = 4) -> bool:
     return False
 
 
-_ANCHORS: dict[str, Callable[[OnnxContext, ir.Node], Nonlinearity | None]] = {
+_ANCHORS: dict[str, Callable[[ConstantReader, ir.Node], Nonlinearity | None]] = {
     **{op: _activation for op in ("Erf", "Tanh", "Sigmoid", "Clip", "HardSigmoid")},
     "ReduceMean": _norm,
     "Softmax": _attention_scale,

@@ -130,7 +130,7 @@ class OnnxContext:
     graph: ir.Graph
     _cache: dict[ir.Value, tuple[np.ndarray | None, frozenset[str]]] = field(default_factory=dict)
     _protected: dict[ir.Node, Nonlinearity] | None = field(default=None, repr=False)
-    _reported: set[Nonlinearity] = field(default_factory=set, repr=False)
+    reported: set[Nonlinearity] = field(default_factory=set, repr=False)
     _mapped: list[ir.ExternalTensor] = field(default_factory=list, repr=False)
 
     def release_pages(self) -> None:
@@ -360,9 +360,9 @@ def _foldable_pad(ctx: OnnxContext, node: ir.Node, nd: int) -> tuple[list[tuple[
 
 
 def _batch_norm(ctx, node):
-    if _attr(node, "training_mode", 0) or any(o.name and o.uses() for o in node.outputs[1:]):
-        raise Refusal("training-mode", "BatchNormalization in training mode (uses batch statistics)")
     x = node.inputs[0]
+    if _attr(node, "training_mode", 0) or any(o.name and o.uses() for o in node.outputs[1:]):
+        return x, canonical.batch_norm(None, None, None, None, 0.0, None, training=True)
     shape = shape_of(ctx, x)
     get = lambda i, what: _need(ctx, _input(node, i), what)  # noqa: E731
     return x, canonical.batch_norm(
@@ -447,8 +447,8 @@ def _kept_whole(ctx: OnnxContext, nl: Nonlinearity, opaque: Op, would_be: Op | N
     so runtimes still fuse the chain (Gelu, LayerNormalization, ...). Each such chain in which
     something looked foldable is reported once."""
     opaque.label = nl.label
-    if would_be is not None and would_be.kind != "opaque" and nl not in ctx._reported:
-        ctx._reported.add(nl)
+    if would_be is not None and would_be.kind != "opaque" and nl not in ctx.reported:
+        ctx.reported.add(nl)
         opaque.refusal = Refusal("fused-pattern", f"{nl.label} kept whole: runtimes fuse it into one op")
     return opaque
 
@@ -488,13 +488,7 @@ def _add_sub(ctx: OnnxContext, node: ir.Node, out: ir.Value, kind: str) -> Op | 
     if ca is not None and cb is not None:
         return None
     x, c = (a, cb) if cb is not None else (b, ca)
-    if kind == "add":
-        m = canonical.shift_constant(c, shape_of(ctx, x))
-    elif cb is not None:  # x - c
-        m = canonical.shift_constant(-c, shape_of(ctx, x))
-    else:  # c - x
-        d = canonical.shift_constant(c, shape_of(ctx, x))
-        m = type(d)(-d.scale, d.shift, d.axis)
+    m = canonical.arithmetic_constant(kind, c, shape_of(ctx, x), constant_first=cb is None)
     return Op(node, "affine", (x,), out, m, label="shift")
 
 
@@ -503,12 +497,9 @@ def _mul_div(ctx: OnnxContext, node: ir.Node, out: ir.Value, div: bool) -> Op | 
     ca, cb = ctx.const_tensor(a), ctx.const_tensor(b)
     if (ca is None) == (cb is None):
         return None
-    if div and cb is None:
-        return None  # c / x is not linear
     x, c = (a, cb) if cb is not None else (b, ca)
-    if div:
-        c = 1.0 / c.double()
-    return Op(node, "affine", (x,), out, canonical.channel_constant(c, shape_of(ctx, x)), label="scale")
+    m = canonical.arithmetic_constant("div" if div else "mul", c, shape_of(ctx, x), constant_first=cb is None)
+    return None if m is None else Op(node, "affine", (x,), out, m, label="scale")
 
 
 def _layer_norm(ctx: OnnxContext, node: ir.Node, out: ir.Value) -> Op | None:
@@ -531,26 +522,15 @@ def _is_weight(c: np.ndarray | None) -> bool:
 
 
 def mark_shared(ctx: OnnxContext, ops: list[Op]) -> None:
-    """Flag affine ops whose stored constants any other node reads too (a weight reused in the graph).
+    """Flag affine ops whose initializers another node reads too (``canonical.mark_shared``). Every node
+    counts as a reader, except the nodes of a constant's own computation (a Transpose of a weight). Only
+    weights (rank >= 2) count: exporters store equal small constants (zero biases, unit LayerNorm scales of
+    a fresh model) once, and un-sharing a vector costs nothing worth a refusal."""
 
-    Folding never writes into a stored tensor (new initializers get fresh names); the flag only keeps
-    the walk from merging a shared weight with a private one, which would un-share it.
-    """
-    stored: dict[object, frozenset[str]] = {}
-    readers: dict[str, int] = {}
-    for op in ops:
+    def reads(op: Op) -> frozenset[str]:
         node: ir.Node = op.key
         if op.output is not None and ctx.is_const(op.output):
-            continue  # part of a constant's own computation (Transpose of a weight), not a reader
-        # Only weights (rank >= 2) count: exporters store equal small constants (zero biases, unit
-        # LayerNorm scales of a fresh model) once, and un-sharing a vector costs nothing worth a refusal.
-        names = frozenset().union(
-            *(ctx.stored(v) for v in node.inputs if v is not None and _is_weight(ctx.const(v)))
-        )
-        if op.kind == "affine":
-            stored[op.key] = names
-        for name in names:
-            readers[name] = readers.get(name, 0) + 1
-    for op in ops:
-        if stored.get(op.key):
-            op.shared = any(readers[n] > 1 for n in stored[op.key])
+            return frozenset()
+        return frozenset().union(*(ctx.stored(v) for v in node.inputs if v is not None and _is_weight(ctx.const(v))))
+
+    canonical.mark_shared(ops, reads)

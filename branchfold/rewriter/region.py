@@ -98,6 +98,9 @@ class Region:
     cost_after: int
     # the original ops themselves, in graph order (their maps and wiring draw the region in the report)
     parts: tuple[Op, ...] = field(default=(), repr=False, compare=False)
+    # The adapter numbers a graph's regions in walk order: the walk is deterministic, so a fresh copy of
+    # the same graph gives each region the same id, and undo can name regions across fold attempts.
+    id: int = -1
 
     @property
     def kind(self) -> str:

@@ -146,10 +146,10 @@ def rounded(t: Tensorish, dtype: torch.dtype, transposed: bool = False) -> torch
 def cast_tensor(t: Tensorish, dtype: torch.dtype) -> torch.Tensor:
     """A map's tensor in the model's dtype, always a fresh tensor (never an alias of a stored weight), with
     the strides of a new contiguous tensor. ``contiguous()`` is not enough: it keeps any stride of a size-1
-    dim (a composed 1x1 conv's weight came out ``[2, 4, 1]`` with strides ``(4, 1, 4)``), and torch picks a
-    conv's output layout from its weight's strides, so the folded conv wrote channels-last where the
-    original wrote contiguous (a training-mode Dropout after it then drew a different mask from the same
-    seed: fuzz model 5704 of FUZZ_SEED=20261130)."""
+    dim (a composed 1x1 conv's weight can come out ``[2, 4, 1]`` with strides ``(4, 1, 4)``), and torch picks
+    a conv's output layout from its weight's strides, so the folded conv would write channels-last where the
+    original writes contiguous, and a training-mode Dropout after it would draw a different mask from the
+    same seed."""
     w = rounded(t, dtype).detach()
     return w if w.stride() == _contiguous_strides(w.shape) else w.clone(memory_format=torch.contiguous_format)
 

@@ -19,6 +19,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from branchfold import compat
 from branchfold.rewriter.affine import Conv, Dense, value
 
 from .maps import branch_maps, layer_map, sum_maps
@@ -83,7 +84,7 @@ def expand(
     skipped: list[str] = []
 
     def visit(parent: nn.Module, prefix: str) -> None:
-        for name, child in list(parent._modules.items()):  # named_children() skips repeats
+        for name, child in compat.child_modules(parent):
             if child is None:
                 continue
             qualified = f"{prefix}{name}"
@@ -138,9 +139,8 @@ def _shared_parameters(model: nn.Module) -> set[int]:
     """ids of parameters held by more than one module object (tied weights)."""
     owners: dict[int, set[int]] = defaultdict(set)
     for module in model.modules():
-        for p in module._parameters.values():
-            if p is not None:
-                owners[id(p)].add(id(module))
+        for _, p in module.named_parameters(recurse=False, remove_duplicate=False):
+            owners[id(p)].add(id(module))
     return {p for p, modules in owners.items() if len(modules) > 1}
 
 

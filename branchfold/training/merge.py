@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from branchfold import compat
+
 from .maps import branch_maps, layer_from_map, sum_maps
 from .modules import BranchedConv, BranchedLinear
 from .split import IDENTITY, Footprint
@@ -167,6 +169,6 @@ def _merged(block: nn.Module, target: int) -> nn.Module:
 def _replace(model: nn.Module, replacement: dict[int, nn.Module]) -> None:
     """Point every parent of a replaced module at its replacement (shared modules at every parent)."""
     for parent in list(model.modules()):
-        for name, child in list(parent._modules.items()):  # named_children() skips repeats
+        for name, child in compat.child_modules(parent):
             if id(child) in replacement:
                 setattr(parent, name, replacement[id(child)])

@@ -1,4 +1,4 @@
-"""Big ONNX models at I/O speed (issue 10): the synthetic model writer, the big-models benchmark's code path,
+"""Big ONNX models at I/O speed: the synthetic model writer, the big-models benchmark's code path,
 and the 2 GB+ model folded within the bounds.
 
 The tests marked ``slow`` write a 2.1 GiB model with external data and fold it twice in child processes

@@ -72,3 +72,25 @@ def test_writes_through_data_need_invalidate_or_a_value_check():
 def test_a_guard_watching_nothing_is_always_fresh():
     guard = WeightGuard(inputs(), [])
     assert guard.fresh(inputs()) and guard.watch == []
+
+
+def test_the_optimizer_hook_lives_only_while_a_guard_does():
+    import gc
+
+    from branchfold.passes import backend_guard
+
+    gc.collect()
+    before = backend_guard.optimizer_hook_registered()
+    args = inputs()
+    guard = WeightGuard(args, [1, 2])
+    assert backend_guard.optimizer_hook_registered()
+    second = WeightGuard(args, [3])
+    del guard
+    gc.collect()
+    assert backend_guard.optimizer_hook_registered()  # the second guard still needs it
+    del second
+    gc.collect()
+    assert backend_guard.optimizer_hook_registered() == before  # no guard of ours left: no hook
+    opt = torch.optim.SGD([args[1]], lr=0.1)
+    args[1].grad = torch.ones(3, 3)
+    opt.step()  # a step without guards touches nothing of ours

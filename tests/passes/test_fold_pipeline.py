@@ -234,7 +234,7 @@ def test_once_horizontal_fusion_is_given_up_the_bisection_keeps_it_off(monkeypat
 
 def test_regions_that_pass_alone_but_fail_together_are_all_undone(monkeypatch):
     """If the check still fails after bisection, the model is returned unfolded, never as it failed."""
-    from branchfold.passes import pipeline
+    from branchfold.passes import settle
     from branchfold.rewriter import region
     from branchfold.rewriter.affine import Dense
 
@@ -245,7 +245,7 @@ def test_regions_that_pass_alone_but_fail_together_are_all_undone(monkeypatch):
         return Dense(m.weight, m.bias + 1) if isinstance(m, Dense) else m
 
     monkeypatch.setattr(region, "add_maps", wrong)
-    monkeypatch.setattr(pipeline, "bisect_passing", lambda items, ok: items)  # bisection finds nothing
+    monkeypatch.setattr(settle, "bisect_passing", lambda items, ok: items)  # bisection finds nothing
     m, x = block(), torch.randn(4, 8)
     r = branchfold.fold_with_report(m, (x,), horizontal="off")
     assert r.report.verified and rel_err(m(x), r.model(x)) <= 1e-5

@@ -1,4 +1,4 @@
-"""In-place arithmetic folds like its out-of-place form (issue 9), in every FX dialect and through ``fold``.
+"""In-place arithmetic folds like its out-of-place form, in every FX dialect and through ``fold``.
 
 Models are written the way reparameterizable code writes them (MobileOne's ``out += rc(x)`` from a sum
 that may start at the integer 0, RepVGG's ``x += identity``, ``y.add_(b(x))``, FastViT's RepMixer) and

@@ -1,4 +1,4 @@
-"""What must not fold (issue 2), one test each: the graph keeps the ops, the report says why, and the
+"""What must not fold, one test each: the graph keeps the ops, the report says why, and the
 result still equals the original. Shared weights fold into new tensors and keep the shared one intact."""
 
 from __future__ import annotations

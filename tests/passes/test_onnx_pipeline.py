@@ -103,7 +103,7 @@ def test_failing_region_is_undone_and_reported(make_onnx, monkeypatch):
 
 def test_rewrites_that_fail_together_leave_the_model_unfolded(branches, monkeypatch):
     """If the check still fails after bisection, nothing folded is written: never the failing model."""
-    from branchfold.passes import onnx_pipeline
+    from branchfold.passes import settle
 
     real = onnx_adapter.find_regions
 
@@ -114,7 +114,7 @@ def test_rewrites_that_fail_together_leave_the_model_unfolded(branches, monkeypa
         return walk
 
     monkeypatch.setattr(onnx_adapter, "find_regions", corrupt)
-    monkeypatch.setattr(onnx_pipeline, "bisect_passing", lambda items, ok: items)  # bisection finds nothing
+    monkeypatch.setattr(settle, "bisect_passing", lambda items, ok: items)  # bisection finds nothing
     result = fold_onnx(branches)
     assert result.report.verified and result.report.folded == []
     assert result.report.skipped_by_reason().get("failed-check") == 1

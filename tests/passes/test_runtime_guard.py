@@ -68,7 +68,7 @@ def mlp(make_onnx) -> onnx.ModelProto:
 
 @pytest.fixture
 def unprotected(monkeypatch):
-    """Decomposed nonlinearities are not kept whole: folds into GELU happen as they did before issue 15."""
+    """Decomposed nonlinearities are not kept whole: folds into GELU happen as the algebra allows."""
     from branchfold.patterns import onnx_ops
 
     monkeypatch.setattr(onnx_ops.OnnxContext, "nonlinearity", lambda self, node: None)
@@ -415,3 +415,23 @@ def test_stand_ins_fall_back_to_values_where_no_file_holds_the_weights(mlp):
     folded = fold_onnx(mlp, verify=False, runtime_guard=False).model
     assert stand_in_file(ir.from_proto(mlp)) is None
     assert runtime_profile(folded) == runtime_profile(folded, weights="initializers")
+
+
+def test_the_transformer_optimizer_is_quieted_through_its_own_loggers_only():
+    """No process-wide switch: ``logging.disable`` stays as it was, other loggers keep talking, and the
+    filter is gone afterwards."""
+    import logging
+
+    import onnxruntime.transformers.optimizer  # noqa: F401  (imports the modules that log under bare names)
+
+    talker, other = logging.getLogger("onnx_model"), logging.getLogger("someone.else")
+
+    def passes(logger: logging.Logger, level: int) -> bool:
+        return bool(logger.filter(logger.makeRecord(logger.name, level, __file__, 0, "fusing", (), None)))
+
+    disabled = logging.root.manager.disable
+    with rg._quiet_logging():
+        assert logging.root.manager.disable == disabled
+        assert not passes(talker, logging.WARNING) and passes(talker, logging.ERROR)
+        assert passes(other, logging.WARNING)
+    assert passes(talker, logging.WARNING) and talker.filters == []

@@ -1,4 +1,4 @@
-"""Every folding rule of issue 2, in every FX dialect: how many regions fold, how many ops remain, equality.
+"""Every folding rule, in every FX dialect: how many regions fold, how many ops remain, equality.
 
 Each model here is tiny and built for one rule; ``fold_in`` (tests/helpers.py) captures it with
 symbolic_trace, dynamo (weights as placeholder constants) or torch.export, runs ``FoldBranchesPass`` and

@@ -1,6 +1,6 @@
 """Decomposed nonlinearities (GELU, SiLU, hard-swish, Mish, LayerNorm, RMSNorm, the attention scale), as
 both torch exporters write them, survive a fold untouched while their linear neighbours still fold, and
-onnxruntime still fuses them afterwards (issue 15: a fold never costs a runtime fusion)."""
+onnxruntime still fuses them afterwards (a fold never costs a runtime fusion)."""
 
 from __future__ import annotations
 
