@@ -27,6 +27,7 @@ from branchfold.passes.capture import (
 from branchfold.passes.fx import FoldBranchesPass, PlainCallingConventionPass, ShapePropPass, has_shapes
 from branchfold.passes.fx_constant_fold import ConstantFoldPass, constants_note
 from branchfold.passes.fx_eager_calls import EagerCallsPass
+from branchfold.passes.fx_guards import make_picklable
 from branchfold.passes.fx_horizontal import HorizontalFusionPass
 from branchfold.passes.undo import bisect_passing, only
 from branchfold.patterns.horizontal import HorizontalMode, HorizontalResult, check_mode
@@ -93,6 +94,7 @@ def fold_module(
             input_sets.append(second[0])
             ref_outputs.append(second[1])
     gm = captured.module
+    make_picklable(gm)  # what fold returns must survive torch.save / torch.load
     if not has_shapes(gm):
         ShapePropPass(_flat_inputs(gm, args, kwargs)).call(gm)
     # Weight-only subgraphs computed once (exact: the same ops, run now), on a copy: ``gm`` stays the
