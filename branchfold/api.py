@@ -10,6 +10,7 @@ from typing import Any
 
 from branchfold.errors import InputError
 from branchfold.passes.pipeline import FoldResult, fold_module
+from branchfold.stages import recording
 
 
 def fold_with_report(model: Any, args: Sequence = (), kwargs: dict | None = None, **options) -> FoldResult:
@@ -26,8 +27,10 @@ def fold_with_report(model: Any, args: Sequence = (), kwargs: dict | None = None
     """
     import torch
 
-    with quiet_torch():
-        return _dispatch(torch, model, args, kwargs, options)
+    with quiet_torch(), recording() as seconds:
+        result = _dispatch(torch, model, args, kwargs, options)
+    result.report.stages = seconds
+    return result
 
 
 HOW_TO_PASS = (

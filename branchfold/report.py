@@ -46,6 +46,7 @@ class FoldReport:
     verified: bool = False
     notes: list[str] = field(default_factory=list)
     checked_batches: list[int] = field(default_factory=list)  # batch sizes the check ran the folded model at
+    stages: dict[str, float] = field(default_factory=dict)  # seconds per stage of the fold, and "total"
 
     def counts_by_kind(self) -> dict[str, int]:
         return dict(Counter(r.kind for r in self.folded))

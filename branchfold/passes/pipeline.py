@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils import _pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -33,6 +34,7 @@ from branchfold.passes.undo import bisect_passing, only
 from branchfold.patterns.horizontal import HorizontalMode, HorizontalResult, check_mode
 from branchfold.report import FoldedRegion, FoldReport, Skipped, Totals, region_report, skipped_report
 from branchfold.rewriter.region import Region
+from branchfold.stages import stage
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -50,7 +52,7 @@ def fold_module(
     *,
     capture_method: CaptureMethod = "export",
     verify_result: bool = True,
-    random_checks: int = 2,
+    random_checks: int = 1,
     tolerance: float | None = None,
     seed: int = 0,
     horizontal: HorizontalMode = "auto",
@@ -75,52 +77,79 @@ def fold_module(
     # own buffers when run: work on copies so the user's stay as they were.
     updates_buffers = _any_training(model)
     source = copy.deepcopy(model) if updates_buffers else model
-    if isinstance(source, fx.GraphModule):
-        captured = Capture(fx.GraphModule(source, copy.deepcopy(source.graph), class_name=type(source).__name__))
-    else:
-        captured = capture(source, args, kwargs, capture_method, dynamic)
+    with stage("capture"):
+        if isinstance(source, fx.GraphModule):
+            captured = Capture(fx.GraphModule(source, copy.deepcopy(source.graph), class_name=type(source).__name__))
+        else:
+            captured = capture(source, args, kwargs, capture_method, dynamic)
 
     reference = copy.deepcopy(model) if updates_buffers else model
     input_sets = [(args, kwargs)]
     generator = torch.Generator().manual_seed(seed)
-    for _ in range(random_checks):
-        input_sets.append((tuple(verify.random_inputs(args, generator)), kwargs))
-    ref_outputs = [seeded_run(reference, a, k, seed) for a, k in input_sets] if verify_result else None
+    macs: dict[str, int] = {}  # counted on the runs the check makes anyway (a separate count costs a forward)
+    with stage("verify"):
+        ref_outputs = [counted_run(reference, args, kwargs, seed, macs)] if verify_result else None
+    second = None
     if captured.free:  # even unverified: a free batch must not be wrong where the example's is right
         example_ref = ref_outputs[0] if ref_outputs is not None else None
-        captured, second = _second_batch(captured, source, reference, args, kwargs, example_ref, generator,
-                                         seed, tolerance, capture_method, dynamic)  # fmt: skip
-        if second is not None and ref_outputs is not None:
-            input_sets.append(second[0])
+        with stage("second-batch"):
+            captured, second = _second_batch(captured, source, reference, args, kwargs, example_ref, generator,
+                                             seed, tolerance, capture_method, dynamic)  # fmt: skip
+    # The second batch's set is random inputs too: it counts as one of the ``random_checks`` (each costs a
+    # forward call of the original and one per folded candidate).
+    for _ in range(random_checks - (second is not None and random_checks > 0)):
+        input_sets.append((tuple(verify.random_inputs(args, generator)), kwargs))
+    if ref_outputs is not None:
+        with stage("verify"):
+            ref_outputs += [seeded_run(reference, a, k, seed) for a, k in input_sets[1:]]
+    if second is not None:
+        input_sets.append(second[0])
+        if ref_outputs is not None:
             ref_outputs.append(second[1])
     gm = captured.module
     make_picklable(gm)  # what fold returns must survive torch.save / torch.load
     if not has_shapes(gm):
-        ShapePropPass(_flat_inputs(gm, args, kwargs)).call(gm)
+        with stage("shapes"):
+            ShapePropPass(_flat_inputs(gm, args, kwargs)).call(gm)
     # Weight-only subgraphs computed once (exact: the same ops, run now), on a copy: ``gm`` stays the
     # captured graph the report counts from, and every attempt below starts from the folded constants.
-    constants = fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
-    constant_fold = ConstantFoldPass()
-    constant_fold.call(constants)
-    pristine = copy.deepcopy(constants.graph)
+    with stage("constant-fold"):
+        constants = fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
+        constant_fold = ConstantFoldPass()
+        constant_fold.call(constants)
+        pristine = copy.deepcopy(constants.graph)
 
     def attempt(
         select: Callable[[Region], bool] | None, fuse_mode: HorizontalMode
     ) -> tuple[fx.GraphModule, FxFoldResult, HorizontalResult]:
-        candidate = fx.GraphModule(constants, copy.deepcopy(pristine), class_name=type(gm).__name__)
-        fold = FoldBranchesPass(select=select)
-        fold.call(candidate)
-        fuse = HorizontalFusionPass(fuse_mode)
-        fuse.call(candidate)
-        drop_dead_size_arithmetic(candidate)  # a free batch's twin of what constant folding removed
-        PlainCallingConventionPass().call(candidate)
-        EagerCallsPass().call(candidate)  # aten overloads through torch's bindings: exact, faster eager
+        with stage("cleanup"):
+            candidate = fx.GraphModule(constants, copy.deepcopy(pristine), class_name=type(gm).__name__)
+        with stage("walk"):  # the emitter's weight arithmetic inside it counts as "weights"
+            fold = FoldBranchesPass(select=select)
+            fold.call(candidate)
+        with stage("horizontal"):
+            fuse = HorizontalFusionPass(fuse_mode)
+            fuse.call(candidate)
+        with stage("cleanup"):
+            drop_dead_size_arithmetic(candidate)  # a free batch's twin of what constant folding removed
+            PlainCallingConventionPass().call(candidate)
+            EagerCallsPass().call(candidate)  # aten overloads through torch's bindings: exact, faster eager
         return candidate, fold.result, fuse.result
 
+    example_output: list = []  # the last candidate's output on the example: the folded model's structure
+
     def check(candidate: fx.GraphModule) -> verify.Check:
-        return verify.check(
-            reference, lambda *a, **k: seeded_run(candidate, a, k, seed), input_sets, tolerance, ref_outputs
-        )
+        example_output.clear()
+
+        def run(*a, **k):
+            if example_output:
+                return seeded_run(candidate, a, k, seed)
+            out = counted_run(candidate, a, k, seed, macs, "after")
+            example_output.append(out)
+            return out
+
+        with stage("verify"):
+            return verify.check(reference, run, input_sets, tolerance, ref_outputs)
 
     fuse_mode = horizontal
     folded, result, fused = attempt(None, fuse_mode)
@@ -144,7 +173,8 @@ def fold_module(
         outcome = check(folded)
     final = fx.GraphModule(folded, folded.graph, class_name=type(gm).__name__)  # drops unused weights
     final.training = training  # the top-level flag only: submodules keep their own modes (a BN left in training)
-    report = build_report(gm, final, result, undone, args, kwargs, outcome, training)
+    with stage("report"):
+        report = build_report(gm, final, result, undone, args, kwargs, outcome, training, macs)
     add_horizontal(report, fused)
     report.notes += constants_note(constant_fold.result)
     report.notes += captured.notes
@@ -154,7 +184,7 @@ def fold_module(
     if verify_result and _float_dtype(model) in LOW_PRECISION:
         _low_precision_errors(report, reference, final, input_sets)  # the copy where running updates buffers
     if ref_outputs is not None:
-        return FoldResult(_keep_output_structure(final, ref_outputs[0], seeded_run(final, args, kwargs, seed)), report)
+        return FoldResult(_keep_output_structure(final, ref_outputs[0], example_output[0]), report)
     return FoldResult(final, report)
 
 
@@ -255,6 +285,15 @@ def _fixed_rng(seed: int):
         yield
 
 
+def counted_run(fn, args, kwargs, seed, macs: dict[str, int], key: str = "before"):
+    """``seeded_run`` that also counts the call's multiply-adds into ``macs[key]``."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        out = seeded_run(fn, args, kwargs, seed)
+    macs[key] = counter.get_total_flops() // 2
+    return out
+
+
 def seeded_run(fn, args, kwargs, seed):
     """``fn`` on copies of the inputs: a model that writes its input (``x += 1``) must neither change the
     caller's tensors nor see inputs an earlier run already wrote."""
@@ -326,9 +365,21 @@ def count_params(module: nn.Module) -> int:
 
 
 def count_macs(module: nn.Module, args: tuple, kwargs: dict) -> int:
+    """Multiply-adds of one call, counted on fake tensors (shapes only, no arithmetic: a ViT-B/16 counts in
+    a fraction of its forward time); by a real run where a fake one raises (a data-dependent op)."""
+    try:
+        return _count_macs(module, args, kwargs, fake=True)
+    except Exception:  # torch raises many types for ops fake tensors cannot run
+        return _count_macs(module, args, kwargs, fake=False)
+
+
+def _count_macs(module: nn.Module, args: tuple, kwargs: dict, fake: bool) -> int:
     counter = FlopCounterMode(display=False)
     args, kwargs = verify.fresh_copies(args, kwargs)
-    with torch.no_grad(), counter:
+    mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
+    if fake:
+        args, kwargs = pytree.tree_map_only(torch.Tensor, mode.from_tensor, (args, kwargs))
+    with torch.no_grad(), mode, counter:
         module(*args, **kwargs)
     return counter.get_total_flops() // 2
 
@@ -348,12 +399,16 @@ def add_horizontal(report: FoldReport, result: HorizontalResult) -> None:
             report.not_folded.append(Skipped(g.source, "horizontal-policy", g.reason, g.ops))
 
 
-def build_report(gm, final, result, undone, args, kwargs, outcome, training) -> FoldReport:
+def build_report(gm, final, result, undone, args, kwargs, outcome, training, macs=None) -> FoldReport:
+    """The report; ``macs`` may hold the "before" and "after" multiply-adds already counted on the example."""
+    macs = macs or {}
+    before = macs["before"] if "before" in macs else _safe_macs(gm, args, kwargs)
+    after = macs["after"] if "after" in macs else _safe_macs(final, args, kwargs)
     report = FoldReport(
         folded=[region_report(r, _name(r.value)) for r in result.regions],
         not_folded=[skipped_report(n, _name(n.where)) for n in result.not_folded],
-        before=Totals(count_ops(gm), count_params(gm), _safe_macs(gm, args, kwargs)),
-        after=Totals(count_ops(final), count_params(final), _safe_macs(final, args, kwargs)),
+        before=Totals(count_ops(gm), count_params(gm), before),
+        after=Totals(count_ops(final), count_params(final), after),
     )
     report.not_folded += [
         Skipped(_name(r.value), "failed-check", "folded result differed from the original; undone", list(r.labels))
