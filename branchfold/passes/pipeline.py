@@ -87,8 +87,10 @@ def fold_module(
     input_sets = [(args, kwargs)]
     generator = torch.Generator().manual_seed(seed)
     macs: dict[str, int] = {}  # counted on the runs the check makes anyway (a separate count costs a forward)
-    with stage("verify"):
-        ref_outputs = [counted_run(reference, args, kwargs, seed, macs)] if verify_result else None
+    ref_outputs = None
+    if verify_result:
+        with stage("verify"):
+            ref_outputs = [counted_run(reference, args, kwargs, seed, macs)]
     second = None
     if captured.free:  # even unverified: a free batch must not be wrong where the example's is right
         example_ref = ref_outputs[0] if ref_outputs is not None else None
