@@ -29,6 +29,7 @@ OTHERS = {
     "onnxruntime: do no harm": "bench_ort_harm",
     "Big ONNX models at I/O speed": "bench_big",
     "Do no harm in a second runtime: folded files in onnxruntime and OpenVINO": "bench_runtimes",
+    "The time a user waits: fold against torch.export + one forward": "fold_time",
 }
 
 

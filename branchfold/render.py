@@ -74,4 +74,9 @@ def render_report(report: Mapping[str, Any], title: str, max_skipped: int = 12, 
             console.print(f"... and {len(not_folded) - max_skipped} more")
     for note in report.get("notes") or ():
         console.print(f"note: {note}")
+    stages = dict(report.get("stages") or {})
+    if "total" in stages:
+        total = stages.pop("total")
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in sorted(stages.items(), key=lambda kv: -kv[1]))
+        console.print(f"fold time: {total:.2f} s ({parts})")
     return buf.getvalue()

@@ -30,6 +30,7 @@ from branchfold.rewriter.affine import (
 )
 from branchfold.rewriter.region import NotFolded, Op, Region, SplitSource, WalkResult, find_regions
 from branchfold.rewriter.rounding import cast_tensor
+from branchfold.stages import stage
 
 aten = torch.ops.aten
 
@@ -251,7 +252,8 @@ def fold_graph(
     if select is not None:
         walk.regions = [r for r in walk.regions if select(r)]
     if walk.regions:
-        Emitter(gm, ctx, walk).emit()
+        with stage("weights"):  # the folded weights are computed (float64, rounded once) as they are written
+            Emitter(gm, ctx, walk).emit()
     return FxFoldResult(walk.regions, walk.not_folded, walk)
 
 

@@ -129,6 +129,7 @@ class Emitter:
     ) -> None:
         self.graph, self.walk = graph, walk or WalkResult([], [])
         self.pending: list[ir.Node] = []
+        self.created: set[ir.Node] = set()  # every node this emitter wrote (its values may take replaced names)
         self.after_region = after_region  # called once a region is written (drop the weight pages it read)
         self.pages_read = pages_read  # what drops the pages read so far, to call once a FoldedTensor is written
         self.computed_bytes = 0  # weights computed now (not FoldedTensors) since the heap was last trimmed
@@ -166,6 +167,7 @@ class Emitter:
     def add(self, node: ir.Node) -> None:
         """Append a node built by the caller to the pending ones."""
         self.pending.append(node)
+        self.created.add(node)
 
     def insert_before(self, anchor: ir.Node) -> None:
         """Place the pending nodes, in order, before ``anchor``."""
@@ -184,7 +186,7 @@ class Emitter:
             value.name = self.fresh("replaced")
             new.name = name
             new.shape, new.type = value.shape, value.type
-        elif new.producer() is not None and new.producer() in self.nodes:
+        elif new.producer() in self.created:
             # the new value takes the name of the one it replaces: its readers, outside the region, stay as
             # they were (the old value is left unread and removed with its producer)
             name = value.name
@@ -216,7 +218,7 @@ class Emitter:
         node = ir.Node("", "LayerNormalization", [self._current(ln.inputs[0]), ones, zeros], attrs, num_outputs=1)
         node.outputs[0].name = self.fresh("layer_norm")
         node.outputs[0].dtype, node.outputs[0].shape = out.dtype, out.shape
-        self.pending.append(node)
+        self.add(node)
         return node.outputs[0]
 
     # -- writing ops ------------------------------------------------------------------------------
@@ -255,6 +257,7 @@ class Emitter:
         if final:
             out.shape = like.shape
         self.pending.append(node)
+        self.created.add(node)
         return out
 
     def write(self, m, src: ir.Value, like: ir.Value) -> ir.Value:

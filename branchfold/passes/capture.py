@@ -161,6 +161,16 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool):
         )  # fmt: skip
 
 
+def export_free(model: nn.Module, args: tuple, kwargs: dict | None = None) -> torch.export.ExportedProgram:
+    """``torch.export.export`` asking for the same free dimensions as ``fold``'s capture (``Dim.AUTO``).
+
+    For re-exporting a folded module: export of a module records static shapes unless told otherwise,
+    and the folded graph leaves free what the original's capture left free, so asking again finds them.
+    """
+    traced_args, traced_kwargs, _ = _traced_example(tuple(args), dict(kwargs or {}))
+    return _export(model, traced_args, traced_kwargs, dynamic=True)
+
+
 def _free_dims(ep, user_args: tuple, user_kwargs: dict) -> Capture:
     """Read which input dims the exported graph left symbolic, and map them to the user's tensors."""
     module = ep.module()

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.func import functional_call
 from torch.utils import _pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -27,12 +29,14 @@ from branchfold.passes.capture import (
 from branchfold.passes.fx import FoldBranchesPass, PlainCallingConventionPass, ShapePropPass, has_shapes
 from branchfold.passes.fx_constant_fold import ConstantFoldPass, constants_note
 from branchfold.passes.fx_eager_calls import EagerCallsPass
+from branchfold.passes.fx_guards import make_picklable
 from branchfold.passes.fx_horizontal import HorizontalFusionPass
 from branchfold.passes.settle import Selection, add_horizontal, settle, verification
 from branchfold.patterns.horizontal import HorizontalMode, HorizontalResult, check_mode
 from branchfold.report import FoldReport, Totals, region_report, skipped_report
 from branchfold.report_data import op_strip
 from branchfold.rewriter.region import Region
+from branchfold.stages import stage
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -70,7 +74,7 @@ def fold_module(
     *,
     capture_method: CaptureMethod = "export",
     verify_result: bool = True,
-    random_checks: int = 2,
+    random_checks: int = 1,
     tolerance: float | None = None,
     seed: int = 0,
     horizontal: HorizontalMode = "auto",
@@ -95,49 +99,80 @@ def fold_module(
     # own buffers when run: work on copies so the user's stay as they were.
     updates_buffers = _any_training(model)
     source = copy.deepcopy(model) if updates_buffers else model
-    if isinstance(source, fx.GraphModule):
-        captured = Capture(fx.GraphModule(source, copy.deepcopy(source.graph), class_name=type(source).__name__))
-    else:
-        captured = capture(source, args, kwargs, capture_method, dynamic)
+    with stage("capture"):
+        if isinstance(source, fx.GraphModule):
+            captured = Capture(fx.GraphModule(source, copy.deepcopy(source.graph), class_name=type(source).__name__))
+        else:
+            captured = capture(source, args, kwargs, capture_method, dynamic)
 
     reference = copy.deepcopy(model) if updates_buffers else model
     input_sets = [(args, kwargs)]
     generator = torch.Generator().manual_seed(seed)
-    for _ in range(random_checks):
-        input_sets.append((tuple(verify.random_inputs(args, generator)), kwargs))
-    ref_outputs = [seeded_run(reference, a, k, seed) for a, k in input_sets] if verify_result else None
+    macs: dict[str, int] = {}  # counted on the runs the check makes anyway (a separate count costs a forward)
+    ref_outputs = None
+    if verify_result:
+        with stage("verify"):
+            ref_outputs = [counted_run(reference, args, kwargs, seed, macs)]
+    second = None
     if captured.free:  # even unverified: a free batch must not be wrong where the example's is right
         example_ref = ref_outputs[0] if ref_outputs is not None else None
-        captured, second = _second_batch(captured, source, reference, args, kwargs, example_ref, generator,
-                                         seed, tolerance, capture_method, dynamic)  # fmt: skip
-        if second is not None and ref_outputs is not None:
-            input_sets.append(second[0])
+        with stage("second-batch"):
+            captured, second = _second_batch(captured, source, reference, args, kwargs, example_ref, generator,
+                                             seed, tolerance, capture_method, dynamic)  # fmt: skip
+    # The second batch's set is random inputs too: it counts as one of the ``random_checks`` (each costs a
+    # forward call of the original and one per folded candidate).
+    for _ in range(random_checks - (second is not None and random_checks > 0)):
+        input_sets.append((tuple(verify.random_inputs(args, generator)), kwargs))
+    if ref_outputs is not None:
+        with stage("verify"):
+            ref_outputs += [seeded_run(reference, a, k, seed) for a, k in input_sets[1:]]
+    if second is not None:
+        input_sets.append(second[0])
+        if ref_outputs is not None:
             ref_outputs.append(second[1])
     gm = captured.module
+    make_picklable(gm)  # what fold returns must survive torch.save / torch.load
     if not has_shapes(gm):
-        ShapePropPass(_flat_inputs(gm, args, kwargs)).call(gm)
+        with stage("shapes"):
+            ShapePropPass(_flat_inputs(gm, args, kwargs)).call(gm)
     # Weight-only subgraphs computed once (exact: the same ops, run now), on a copy: ``gm`` stays the
     # captured graph the report counts from, and every attempt below starts from the folded constants.
-    constants = fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
-    constant_fold = ConstantFoldPass()
-    constant_fold.call(constants)
-    pristine = copy.deepcopy(constants.graph)
+    with stage("constant-fold"):
+        constants = fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
+        constant_fold = ConstantFoldPass()
+        constant_fold.call(constants)
+        pristine = copy.deepcopy(constants.graph)
 
     def attempt(sel: Selection) -> _Attempt:
-        candidate = fx.GraphModule(constants, copy.deepcopy(pristine), class_name=type(gm).__name__)
-        fold = FoldBranchesPass(select=sel.select())
-        fold.call(candidate)
-        fuse = HorizontalFusionPass(horizontal if sel.horizontal else "off")
-        fuse.call(candidate)
-        drop_dead_size_arithmetic(candidate)  # a free batch's twin of what constant folding removed
-        PlainCallingConventionPass().call(candidate)
-        EagerCallsPass().call(candidate)  # aten overloads through torch's bindings: exact, faster eager
+        with stage("cleanup"):
+            candidate = fx.GraphModule(constants, copy.deepcopy(pristine), class_name=type(gm).__name__)
+        with stage("walk"):  # the emitter's weight arithmetic inside it counts as "weights"
+            fold = FoldBranchesPass(select=sel.select())
+            fold.call(candidate)
+        with stage("horizontal"):
+            fuse = HorizontalFusionPass(horizontal if sel.horizontal else "off")
+            fuse.call(candidate)
+        with stage("cleanup"):
+            drop_dead_size_arithmetic(candidate)  # a free batch's twin of what constant folding removed
+            PlainCallingConventionPass().call(candidate)
+            EagerCallsPass().call(candidate)  # aten overloads through torch's bindings: exact, faster eager
         return _Attempt(candidate, fold.result, fuse.result)
 
+    # each checked candidate's output on the example and its multiply-adds, by candidate: the folded model's
+    # output structure and its MACs come from the check's own run, not one more forward call
+    example_outputs: dict[int, tuple[object, int]] = {}
+
     def check(candidate: _Attempt) -> verify.Check:
-        return verify.check(
-            reference, lambda *a, **k: seeded_run(candidate.model, a, k, seed), input_sets, tolerance, ref_outputs
-        )
+        def run(*a, **k):
+            if id(candidate.model) in example_outputs:
+                return seeded_run(candidate.model, a, k, seed)
+            counted: dict[str, int] = {}
+            out = counted_run(candidate.model, a, k, seed, counted)
+            example_outputs[id(candidate.model)] = (out, counted["before"])
+            return out
+
+        with stage("verify"):
+            return verify.check(reference, run, input_sets, tolerance, ref_outputs)
 
     checks = [verification(check)] if verify_result else []
     settled = settle(attempt, checks)
@@ -145,7 +180,11 @@ def fold_module(
     outcome = settled.outcome(checks[0]).outcome if checks else None
     final = fx.GraphModule(folded, folded.graph, class_name=type(gm).__name__)  # drops unused weights
     final.training = training  # the top-level flag only: submodules keep their own modes (a BN left in training)
-    report = build_report(gm, final, result, settled.undone, args, kwargs, outcome, training)
+    seen = example_outputs.get(id(folded))
+    if seen is not None:
+        macs["after"] = seen[1]
+    with stage("report"):
+        report = build_report(gm, final, result, settled.undone, args, kwargs, outcome, training, macs)
     add_horizontal(report, fused)
     report.notes += constants_note(constant_fold.result)
     report.notes += captured.notes
@@ -156,7 +195,8 @@ def fold_module(
     if verify_result and _float_dtype(model) in LOW_PRECISION:
         _low_precision_errors(report, reference, final, input_sets)  # the copy where running updates buffers
     if ref_outputs is not None:
-        return FoldResult(_keep_output_structure(final, ref_outputs[0], seeded_run(final, args, kwargs, seed)), report)
+        example = seen[0] if seen is not None else seeded_run(final, args, kwargs, seed)
+        return FoldResult(_keep_output_structure(final, ref_outputs[0], example), report)
     return FoldResult(final, report)
 
 
@@ -257,6 +297,15 @@ def _fixed_rng(seed: int):
         yield
 
 
+def counted_run(fn, args, kwargs, seed, macs: dict[str, int], key: str = "before"):
+    """``seeded_run`` that also counts the call's multiply-adds into ``macs[key]``."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        out = seeded_run(fn, args, kwargs, seed)
+    macs[key] = counter.get_total_flops() // 2
+    return out
+
+
 def seeded_run(fn, args, kwargs, seed):
     """``fn`` on copies of the inputs: a model that writes its input (``x += 1``) must neither change the
     caller's tensors nor see inputs an earlier run already wrote."""
@@ -328,12 +377,28 @@ def count_params(module: nn.Module) -> int:
 
 
 def count_macs(module: nn.Module, args: tuple, kwargs: dict) -> int:
-    counter = FlopCounterMode(display=False)
-    args, kwargs = verify.fresh_copies(args, kwargs)
-    with torch.no_grad(), counter:
-        module(*args, **kwargs)
-    return counter.get_total_flops() // 2
+    """Multiply-adds of one call, counted on fake tensors (shapes only, no arithmetic: a ViT-B/16 counts in
+    a fraction of its forward time); by a real run where a fake one raises (a data-dependent op)."""
+    try:
+        return _count_macs(module, args, kwargs, fake=True)
+    except Exception:  # torch raises many types for ops fake tensors cannot run
+        return _count_macs(module, args, kwargs, fake=False)
 
+
+def _count_macs(module: nn.Module, args: tuple, kwargs: dict, fake: bool) -> int:
+    counter = FlopCounterMode(display=False)
+    if not fake:
+        args, kwargs = verify.fresh_copies(args, kwargs)
+        with torch.no_grad(), counter:
+            module(*args, **kwargs)
+        return counter.get_total_flops() // 2
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    # Parameters and buffers made fake once, not converted again at every op that reads them (half the time).
+    state = {name: mode.from_tensor(t) for name, t in [*module.named_parameters(), *module.named_buffers()]}
+    args, kwargs = pytree.tree_map_only(torch.Tensor, mode.from_tensor, (tuple(args), dict(kwargs)))
+    with torch.no_grad(), mode, counter:
+        functional_call(module, state, args, kwargs)
+    return counter.get_total_flops() // 2
 
 def region_name(key) -> str:
     """A region's or a skipped op's name in the report: the module path of a module call, else the node's name."""
@@ -342,12 +407,16 @@ def region_name(key) -> str:
     return str(key)
 
 
-def build_report(gm, final, result, undone, args, kwargs, outcome, training) -> FoldReport:
+def build_report(gm, final, result, undone, args, kwargs, outcome, training, macs=None) -> FoldReport:
+    """The report; ``macs`` may hold the "before" and "after" multiply-adds already counted on the example."""
+    macs = macs or {}
+    before = macs["before"] if "before" in macs else _safe_macs(gm, args, kwargs)
+    after = macs["after"] if "after" in macs else _safe_macs(final, args, kwargs)
     report = FoldReport(
         folded=[region_report(r, region_name(r.value)) for r in result.regions],
         not_folded=[skipped_report(n, region_name(n.where)) for n in result.not_folded],
-        before=Totals(count_ops(gm), count_params(gm), _safe_macs(gm, args, kwargs)),
-        after=Totals(count_ops(final), count_params(final), _safe_macs(final, args, kwargs)),
+        before=Totals(count_ops(gm), count_params(gm), before),
+        after=Totals(count_ops(final), count_params(final), after),
         graph=op_strip(gm.graph.nodes),
     )
     report.not_folded += undone

@@ -146,3 +146,15 @@ def test_a_fuzz_campaign_log_becomes_its_own_section(quick, tmp_path):
     assert (row["models"], row["graphs"], row["mismatches"], row["minutes"], row["workers"]) == (40, 58, 0, 1.6, 2)
     log.write_text(FUZZ_LOG.splitlines()[0])  # a campaign still running (or killed) has no result
     assert run.main(["--out", str(out), "--fuzz-log", str(log)], log=lambda s: None) == 2
+
+
+def test_fold_time_rows_carry_ratios_and_stages():
+    from benchmarks import fold_time
+
+    (row,) = fold_time.run(quick=True)
+    assert _finite_positive(row["export_s"]) and _finite_positive(row["forward_s"])
+    base = row["export_s"] + row["forward_s"]
+    assert math.isclose(row["verified_ratio"], row["fold_verified_s"] / base)
+    assert row["verified"] is True and "capture" in row["stages (verified, s)"]
+    assert "verify" not in row["stages (unverified, s)"]
+    assert "fold_time" in run.OTHERS.values()
