@@ -386,6 +386,15 @@ def _identity(ctx, node):
     return node.inputs[0], canonical.channel_constant(1.0, None)
 
 
+def _same_type_cast(ctx, node):
+    """``Cast`` to the type its input already has (PEFT's ``result.to(previous_dtype)``, exported): the identity."""
+    x = node.inputs[0]
+    to = _attr(node, "to", None)
+    if x is None or x.dtype is None or to is None or int(to) != x.dtype.value:
+        return None
+    return x, canonical.channel_constant(1.0, None)
+
+
 def _neg(ctx, node):
     return node.inputs[0], canonical.channel_constant(-1.0, shape_of(ctx, node.inputs[0]))
 
@@ -413,11 +422,12 @@ UNARY: dict[str, Callable] = {
     "BatchNormalization": _batch_norm,
     "Dropout": _dropout,
     "Identity": _identity,
+    "Cast": _same_type_cast,
     "Neg": _neg,
     "AveragePool": _avg_pool,
 }
 LABELS = {"MatMul": "linear", "Gemm": "linear", "Conv": "conv", "BatchNormalization": "batch_norm",
-          "Dropout": "dropout", "Identity": "identity", "Neg": "neg", "AveragePool": "avg_pool"}  # fmt: skip
+          "Dropout": "dropout", "Identity": "identity", "Cast": "cast", "Neg": "neg", "AveragePool": "avg_pool"}  # fmt: skip
 
 
 def recognize(ctx: OnnxContext, node: ir.Node) -> Op:
