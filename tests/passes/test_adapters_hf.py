@@ -1,0 +1,107 @@
+"""PEFT's LoRA and DoRA on Hugging Face models built from small configs (random weights, no downloads):
+``branchfold.fold`` of the adapted model equals ``merge_and_unload`` then fold, in op count, linear-op count
+and parameter count, and is exact. Nothing in branchfold knows PEFT: the adapters are parallel branches.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from helpers import rel_err
+from torch import nn
+
+import branchfold
+
+T = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+H = 32
+BUILD = {
+    "bert": (lambda: T.BertModel(T.BertConfig(hidden_size=H, num_hidden_layers=2, num_attention_heads=2,
+                                              intermediate_size=2 * H, vocab_size=64)), ["query", "value"]),
+    "llama": (lambda: T.LlamaModel(T.LlamaConfig(hidden_size=H, num_hidden_layers=2, num_attention_heads=2,
+                                                 num_key_value_heads=2, intermediate_size=2 * H, vocab_size=64)),
+              ["q_proj", "v_proj"]),
+}  # fmt: skip
+
+
+class Hidden(nn.Module):
+    """The model's last hidden state, so both captures compare one tensor."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids):
+        return self.model(input_ids=ids).last_hidden_state
+
+
+def randomized(model: nn.Module) -> nn.Module:
+    """Every parameter random: fresh biases are zero (a fold drops a zero bias that merge keeps) and LoRA's B
+    is zero unless ``init_lora_weights=False``; norms get scales away from 1."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            scale = "norm" in name.lower() and name.endswith("weight")
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2 + (1.0 if scale else 0.0))
+    return model
+
+
+def adapted(name: str, dora: bool, subset: bool) -> nn.Module:
+    build, targets = BUILD[name]
+    torch.manual_seed(0)
+    base = randomized(build()).eval()
+    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, use_dora=dora, init_lora_weights=False,
+                             target_modules=targets if subset else "all-linear")  # fmt: skip
+    return peft.get_peft_model(base, config).eval()
+
+
+def ids() -> torch.Tensor:
+    return torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
+
+
+def linears(gm) -> int:
+    return sum("linear" in str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+
+
+def adapter_layers(model: nn.Module) -> int:
+    return sum(hasattr(m, "lora_A") and hasattr(m, "base_layer") for m in model.modules())
+
+
+@pytest.mark.parametrize("subset", [True, False], ids=["subset", "all-linear"])
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+@pytest.mark.parametrize("name", sorted(BUILD))
+def test_fold_equals_merge_and_unload(name, dora, subset):
+    model = adapted(name, dora, subset)
+    n_adapters = adapter_layers(model)
+    merged = copy.deepcopy(model).merge_and_unload().eval()
+    r = branchfold.fold_with_report(Hidden(model).eval(), (ids(),), horizontal="off")
+    m = branchfold.fold_with_report(Hidden(merged).eval(), (ids(),), horizontal="off")
+    rep = r.report
+    assert rep.verified and rep.max_error <= 1e-5
+    # every adapter sum is one region (base + A + B at least), and nothing is left for cost
+    adapter_sums = [f for f in rep.folded if f.ops.count("linear") >= 3]
+    assert len(adapter_sums) == n_adapters > 0
+    assert "cost" not in rep.skipped_by_reason()
+    assert linears(r.model) == linears(m.model)
+    assert rep.after.ops == m.report.after.ops
+    assert rep.after.params == m.report.after.params
+    assert rep.after.params < rep.before.params
+    x = torch.randint(0, 64, (3, 5), generator=torch.Generator().manual_seed(2))  # another batch and length
+    with torch.no_grad():
+        reference, ours = Hidden(merged)(x), r.model(x)
+        assert rel_err(Hidden(model)(x), ours) <= 1e-5
+        assert rel_err(reference, ours) <= 1e-5
+
+
+def test_horizontal_fusion_takes_the_folded_sums():
+    """All-linear LoRA on Llama: the adapter sums fold first, then Q/K/V and gate/up fuse as plain linears."""
+    model = adapted("llama", dora=False, subset=False)
+    merged = copy.deepcopy(model).merge_and_unload().eval()
+    r = branchfold.fold_with_report(Hidden(model).eval(), (ids(),), horizontal="on")
+    m = branchfold.fold_with_report(Hidden(merged).eval(), (ids(),), horizontal="on")
+    assert r.report.verified
+    assert r.report.counts_by_kind().get("horizontal") == m.report.counts_by_kind().get("horizontal") > 0
+    assert linears(r.model) == linears(m.model)
