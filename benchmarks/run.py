@@ -28,6 +28,7 @@ OTHERS = {
     "Horizontal fusion": "bench_horizontal",
     "onnxruntime: do no harm": "bench_ort_harm",
     "Big ONNX models at I/O speed": "bench_big",
+    "Adapters (LoRA, DoRA)": "bench_adapters",
 }
 
 

@@ -105,3 +105,39 @@ def test_horizontal_fusion_takes_the_folded_sums():
     assert r.report.verified
     assert r.report.counts_by_kind().get("horizontal") == m.report.counts_by_kind().get("horizontal") > 0
     assert linears(r.model) == linears(m.model)
+
+
+def onnx_export(model: nn.Module, dynamo: bool, tmp_path, tag: str):
+    """The model exported unmerged, loaded into memory (``onnx.load`` inlines the dynamo exporter's
+    external data)."""
+    import warnings
+
+    onnx = pytest.importorskip("onnx")
+    path = tmp_path / f"{tag}.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Hidden(model).eval(), (ids(),), str(path), dynamo=dynamo, input_names=["ids"],
+                          **({} if dynamo else {"opset_version": 17}))  # fmt: skip
+    return onnx.load(str(path))
+
+
+def matmuls(proto) -> int:
+    return sum(n.op_type in ("MatMul", "Gemm") for n in proto.graph.node)
+
+
+@pytest.mark.parametrize(
+    ("name", "dora", "dynamo"),
+    [("bert", False, False), ("llama", False, True), ("llama", True, True)],
+    ids=["bert-lora-legacy", "llama-lora-dynamo", "llama-dora-dynamo"],
+)
+def test_onnx_export_of_the_adapted_model_folds_to_the_merged_exports_matmuls(name, dora, dynamo, tmp_path):
+    import onnx_ir as ir
+
+    model = adapted(name, dora, subset=True)
+    merged = copy.deepcopy(model).merge_and_unload().eval()
+    unmerged, reference = onnx_export(model, dynamo, tmp_path, "adapted"), onnx_export(merged, dynamo, tmp_path, "merged")
+    assert matmuls(unmerged) > matmuls(reference)
+    r = branchfold.fold_with_report(unmerged)
+    assert r.report.verified and r.report.max_error <= 1e-5
+    folded = r.model if hasattr(r.model, "graph") and hasattr(r.model.graph, "node") else ir.to_proto(r.model)
+    assert matmuls(folded) == matmuls(reference)
