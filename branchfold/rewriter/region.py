@@ -10,7 +10,8 @@ whose fused map is costlier than the ops it replaces is cut into *boundaries* (v
 absorb; each piece still folds on its own): where it ends in a chain of affine ops, at the cuts that make
 the pieces cheapest in total (a dynamic programme over the chain, so that in ``project conv → BN → expand
 conv → BN`` both conv→BN pairs fold where the whole chain would cost a wide conv), otherwise at the
-operands of its last op. A split source (LayerNorm's normalisation under its affine) that would be needed
+operands of its last op. A value read by several ops that was absorbed although its readers did not all
+end in one region (a diamond that does not close) becomes a boundary too. A split source (LayerNorm's normalisation under its affine) that would be needed
 both folded and unfolded makes its op *opaque*. Each round adds at least one value to a set (every cut
 value was absorbed in the round that cut it), and in practice two or three rounds suffice.
 """
