@@ -9,7 +9,7 @@ import copy
 
 import pytest
 import torch
-from helpers import rel_err
+from helpers import count_kind, rel_err
 from torch import nn
 
 import branchfold
@@ -141,3 +141,42 @@ def test_onnx_export_of_the_adapted_model_folds_to_the_merged_exports_matmuls(na
     assert r.report.verified and r.report.max_error <= 1e-5
     folded = r.model if hasattr(r.model, "graph") and hasattr(r.model.graph, "node") else ir.to_proto(r.model)
     assert matmuls(folded) == matmuls(reference)
+
+
+class ConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(4, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x)))
+
+
+def test_lora_on_conv2d_folds_into_the_base_conv():
+    """PEFT's conv LoRA: a KxK ``lora_A`` conv then a 1x1 ``lora_B`` conv, summed into the base KxK."""
+    base = randomized(ConvNet()).eval()
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["conv", "head"], init_lora_weights=False)
+    model = peft.get_peft_model(base, config).eval()
+    x = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(0))
+    r = branchfold.fold_with_report(model, (x,))
+    assert r.report.verified and r.report.max_error <= 1e-5
+    assert count_kind(r.model, "conv") == 2  # one per adapted conv: A and B are gone
+    merged = copy.deepcopy(model).merge_and_unload().eval()
+    with torch.no_grad():
+        assert rel_err(merged(x), r.model(x)) <= 1e-5
+    assert r.report.after.params == sum(p.numel() for p in merged.parameters())
+
+
+def test_several_active_adapters_fold_into_one_linear():
+    model = adapted("bert", dora=False, subset=True)
+    model.add_adapter("second", peft.LoraConfig(r=2, target_modules=BUILD["bert"][1], init_lora_weights=False))
+    model.base_model.set_adapter(["default", "second"])
+    model.eval()
+    n_adapters = adapter_layers(model)
+    r = branchfold.fold_with_report(Hidden(model).eval(), (ids(),), horizontal="off")
+    merged = copy.deepcopy(model).merge_and_unload(adapter_names=["default", "second"]).eval()
+    m = branchfold.fold_with_report(Hidden(merged).eval(), (ids(),), horizontal="off")
+    assert r.report.verified and r.report.max_error <= 1e-5
+    assert len([f for f in r.report.folded if f.ops.count("linear") >= 5]) == n_adapters  # base + 2 pairs
+    assert linears(r.model) == linears(m.model)
+    assert r.report.after.params == m.report.after.params
