@@ -180,3 +180,32 @@ def test_several_active_adapters_fold_into_one_linear():
     assert len([f for f in r.report.folded if f.ops.count("linear") >= 5]) == n_adapters  # base + 2 pairs
     assert linears(r.model) == linears(m.model)
     assert r.report.after.params == m.report.after.params
+
+
+class OneLinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(64, 64)
+
+    def forward(self, x):
+        return torch.relu(self.lin(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_folded_adapter_weight_is_the_exact_sum_rounded_once(dtype):
+    """The fold forms ``W + s·B·A`` in float64 and rounds once: the correctly rounded weight, never further
+    from the exact sum than the merge, which adds in the weights' own dtype."""
+    base = randomized(OneLinear()).eval()
+    config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["lin"], init_lora_weights=False)
+    model = peft.get_peft_model(base, config).eval().to(dtype)
+    layer = model.base_model.model.lin
+    w, a, b = (t.detach().double() for t in (layer.base_layer.weight, layer.lora_A["default"].weight,
+                                             layer.lora_B["default"].weight))  # fmt: skip
+    exact = w + layer.scaling["default"] * (b @ a)
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(0)).to(dtype)
+    r = branchfold.fold_with_report(model, (x,))
+    (folded,) = [p for n, p in r.model.named_parameters() if n.startswith("branchfold_") and p.dim() == 2]
+    merged = copy.deepcopy(model).merge_and_unload().lin.weight
+    assert torch.equal(folded, exact.to(dtype))
+    fold_err, merge_err = ((t.double() - exact).abs().max() for t in (folded, merged))
+    assert fold_err <= merge_err
