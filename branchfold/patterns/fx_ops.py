@@ -372,8 +372,10 @@ def _same_dtype_and_device(node: fx.Node) -> bool:
     if None not in devices:
         return devices[0] == devices[1]
     # ShapeProp records no device: only a cast whose arguments name nothing but a dtype is known to keep it
-    rest = (*node.args[1:], *(v for k, v in node.kwargs.items() if k not in ("device", "other")))
+    rest = (*node.args[1:], *(v for k, v in node.kwargs.items() if k not in ("device", "other", "layout")))
     allowed = (torch.dtype, torch.memory_format, bool, type(None))
+    if node.kwargs.get("layout") not in (None, torch.strided):
+        return False
     names_a_dtype = all(isinstance(a, allowed) or _dtype_query(a) for a in rest)
     return names_a_dtype and not {"device", "other"} & set(node.kwargs)
 
@@ -383,9 +385,10 @@ def _dtype_query(a: Any) -> bool:
     return isinstance(a, fx.Node) and a.op == "call_function" and a.target is getattr and a.args[1:] == ("dtype",)
 
 
-def _device_of(n: fx.Node) -> torch.device | None:
+def _device_of(n: fx.Node) -> tuple[torch.device, torch.layout] | None:
+    """Where the recorded value lives, and its layout (a cast to a sparse layout is no identity)."""
     val = n.meta.get("val", n.meta.get("example_value"))
-    return val.device if isinstance(val, torch.Tensor) else None
+    return (val.device, val.layout) if isinstance(val, torch.Tensor) else None
 
 
 def proven_assert(node: fx.Node) -> bool:

@@ -127,8 +127,8 @@ def matmuls(proto) -> int:
 
 @pytest.mark.parametrize(
     ("name", "dora", "dynamo"),
-    [("bert", False, False), ("llama", False, True), ("llama", True, True)],
-    ids=["bert-lora-legacy", "llama-lora-dynamo", "llama-dora-dynamo"],
+    [("bert", False, False), ("llama", False, True), ("llama", True, True), ("llama", True, False)],
+    ids=["bert-lora-legacy", "llama-lora-dynamo", "llama-dora-dynamo", "llama-dora-legacy"],
 )
 def test_onnx_export_of_the_adapted_model_folds_to_the_merged_exports_matmuls(name, dora, dynamo, tmp_path):
     import onnx_ir as ir
