@@ -30,6 +30,7 @@ OTHERS = {
     "Big ONNX models at I/O speed": "bench_big",
     "Do no harm in a second runtime: folded files in onnxruntime and OpenVINO": "bench_runtimes",
     "The time a user waits: fold against torch.export + one forward": "fold_time",
+    "Adapters (LoRA, DoRA)": "bench_adapters",
 }
 
 

@@ -19,7 +19,7 @@ from torch import fx, nn
 from branchfold import compat
 from branchfold.adapters.fx_store import StoredOnce
 from branchfold.patterns import canonical, reshapes
-from branchfold.patterns.fx_ops import FxContext, dtype_of, recognize
+from branchfold.patterns.fx_ops import FxContext, dtype_of, proven_assert, recognize
 from branchfold.rewriter.affine import (
     Conv,
     Dense,
@@ -51,7 +51,7 @@ def graph_ops(ctx: FxContext) -> tuple[list[Op], set[fx.Node]]:
     for node in ctx.gm.graph.nodes:
         if node.op == "output":
             outputs.update(node.all_input_nodes)
-        elif node in taken:
+        elif node in taken or proven_assert(node):
             continue
         elif node.op in ("call_function", "call_method", "call_module"):
             op = recognize(ctx, node)
@@ -224,13 +224,21 @@ def _stored_tensors(ctx: FxContext, node: fx.Node) -> set[str]:
     stack = [a for a in node.all_input_nodes if ctx.const(a) is not None]
     while stack:
         n = stack.pop()
-        if n.op == "get_attr":
+        if n.op in ("get_attr", "placeholder") and not _matrix(ctx.const(n)):
+            # a vector (bias, scale) folds into each of its readers at no cost: it is this op's own (private)
+            found.add(f"vector:{n.target}@{node.name}")
+        elif n.op == "get_attr":
             found.add(f"attr:{n.target}")
         elif n.op == "placeholder":
             found.add(f"input:{n.target}")
         else:
             stack.extend(n.all_input_nodes)
     return found
+
+
+def _matrix(t: torch.Tensor | None) -> bool:
+    """A weight whose sharing matters: at least two axes longer than one (a ``[1, C]`` scale is a vector)."""
+    return t is None or sum(d > 1 for d in t.shape) >= 2
 
 
 def _mark_shared(ctx: FxContext, ops: list[Op]) -> None:
@@ -408,6 +416,9 @@ class Emitter:
         which are the user's own objects (a GraphModule copy shares its submodules)."""
         candidates = [k for r in self.walk.regions for k in r.ops] + list(self.replaced)  # users last
         folded = set(candidates)  # proven affine, so pure even where torch says not (eval-mode dropout)
+        for node in list(self.graph.nodes):  # checks of a value that is no longer computed (they cannot fail)
+            if proven_assert(node) and node.args[0] in folded:
+                self.graph.erase_node(node)
         seen = set()
         while candidates:
             node = candidates.pop()

@@ -68,6 +68,7 @@ class FoldedConstant:
 class ConstantFoldResult:
     folded: list[FoldedConstant] = field(default_factory=list)
     kept: list[tuple[str, str]] = field(default_factory=list)  # (value, why it is recomputed per call)
+    checks: int = 0  # export's metadata checks of weight-only values, run once at fold time and dropped
 
     @property
     def ops_saved(self) -> int:
@@ -94,7 +95,7 @@ class ConstantFoldPass(PassBase):
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         self.result = fold_constants(graph_module, self.constants, self.max_growth, self.small)
-        modified = bool(self.result.folded)
+        modified = bool(self.result.folded or self.result.checks)
         if modified:
             graph_module.recompile()
         return PassResult(graph_module, modified)
@@ -292,6 +293,7 @@ class _ConstantFolder:
 
     def run(self) -> ConstantFoldResult:
         self._find_constants()
+        self._run_constant_checks()
         boundaries = [
             n for n in self.graph.nodes
             if n in self.const and n not in self.leaves and any(u not in self.const for u in n.users)
@@ -308,9 +310,25 @@ class _ConstantFolder:
                 points[point] = None
         for point in points:
             self._store(point, stored)
-        if self.result.folded:
+        if self.result.folded or self.result.checks:
             self._remove_dead()
         return self.result
+
+    def _run_constant_checks(self) -> None:
+        """Export writes ``_assert_tensor_metadata`` before each ``.to`` (PEFT's DoRA casts its weights):
+        on a weight-only value the check is run once, here, and dropped when it passes; left in, it would
+        keep the weights it reads computed and resident after the fold."""
+        for node in list(self.graph.nodes):
+            if _target_name(node) != "_assert_tensor_metadata" or node.users:
+                continue
+            if not node.all_input_nodes or not all(n in self.const for n in node.all_input_nodes):
+                continue
+            try:
+                self._value(node)
+            except Exception:  # noqa: BLE001 - a failing check stays in the graph, to fail where it did
+                continue
+            self.graph.erase_node(node)
+            self.result.checks += 1
 
     def _store(self, point: fx.Node, stored: dict[str, str]) -> None:
         value: torch.Tensor = self._value(point)

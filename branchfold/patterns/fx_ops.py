@@ -36,11 +36,17 @@ _CONST_METHODS = {"t", "transpose", "permute", "view", "reshape", "unsqueeze", "
                   "clone", "contiguous", "to", "float", "half", "bfloat16", "expand"}  # fmt: skip
 
 # Queries that read only a tensor's shape (symbolic_trace writes them for ``b, n, c = x.shape``).
-_META_ATTRS = {"shape", "ndim", "device"}
+_META_ATTRS = {"shape", "ndim", "device", "dtype"}
 _META_METHODS = {"size", "dim"}
 
-_IDENTITY_FUNCS = {aten.clone.default, aten.alias.default, aten.detach.default, torch.clone}
+_IDENTITY_FUNCS = {aten.clone.default, aten.alias.default, aten.detach.default, torch.clone,
+                   aten.contiguous.default}  # fmt: skip
 _IDENTITY_METHODS = {"contiguous", "clone", "detach"}
+# Casts: the identity where the recorded dtype and device of the result are those of the input (PEFT
+# writes ``result.to(previous_dtype)`` after every adapter sum; export keeps it as ``aten.to.dtype``).
+_CAST_FUNCS = {aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten._to_copy.default, torch.Tensor.to,
+               torch.Tensor.float, torch.Tensor.half, torch.Tensor.bfloat16, torch.Tensor.type_as}  # fmt: skip
+_CAST_METHODS = {"to", "float", "half", "bfloat16", "double", "type_as"}
 
 
 @dataclass
@@ -340,6 +346,8 @@ def _recognize(ctx: FxContext, node: fx.Node) -> Op | None:
         return Op(node, "affine", (x,), node, m, label=label)
     if node.op == "call_method" and t in _IDENTITY_METHODS:
         return Op(node, "affine", (node.args[0],), node, canonical.channel_constant(1.0, None), label="identity")
+    if t in (_CAST_FUNCS if node.op == "call_function" else _CAST_METHODS) and _same_dtype_and_device(node):
+        return Op(node, "affine", (node.args[0],), node, canonical.channel_constant(1.0, None), label="cast")
     if t in _LAYER_NORM:
         b = _bind(node, ("input", "normalized_shape", "weight", "bias", "eps"), {"weight": None, "bias": None})
         return _layer_norm(ctx, node, b["input"], b["normalized_shape"], b["weight"], b["bias"])
@@ -351,6 +359,55 @@ def _recognize(ctx: FxContext, node: fx.Node) -> Op | None:
         x = node.args[0]
         return Op(node, "affine", (x,), node, canonical.channel_constant(-1.0, shape_of(x)), label="neg")
     return None
+
+
+def _same_dtype_and_device(node: fx.Node) -> bool:
+    """A cast that changes nothing: its input and result are recorded with the same dtype and device."""
+    x = node.args[0] if node.args else None
+    if not isinstance(x, fx.Node):
+        return False
+    before, after = dtype_of(x), dtype_of(node)
+    if before is None or before != after:
+        return False
+    devices = _device_of(x), _device_of(node)
+    if None not in devices:
+        return devices[0] == devices[1]
+    # ShapeProp records no device: only a cast whose arguments name nothing but a dtype is known to keep it
+    rest = (*node.args[1:], *(v for k, v in node.kwargs.items() if k not in ("device", "other", "layout")))
+    allowed = (torch.dtype, torch.memory_format, bool, type(None))
+    if node.kwargs.get("layout") not in (None, torch.strided):
+        return False
+    names_a_dtype = all(isinstance(a, allowed) or _dtype_query(a) for a in rest)
+    return names_a_dtype and not {"device", "other"} & set(node.kwargs)
+
+
+def _dtype_query(a: Any) -> bool:
+    """``t.dtype`` as symbolic_trace records it (``x.to(self.lora_A.weight.dtype)``)."""
+    return isinstance(a, fx.Node) and a.op == "call_function" and a.target is getattr and a.args[1:] == ("dtype",)
+
+
+def _device_of(n: fx.Node) -> tuple[torch.device, torch.layout] | None:
+    """Where the recorded value lives, and its layout (a cast to a sparse layout is no identity)."""
+    val = n.meta.get("val", n.meta.get("example_value"))
+    return (val.device, val.layout) if isinstance(val, torch.Tensor) else None
+
+
+def proven_assert(node: fx.Node) -> bool:
+    """Export's ``_assert_tensor_metadata(x, dtype=, device=, layout=)`` (written before every ``.to``)
+    where the recorded metadata of ``x`` already says the same: a check that cannot fail, so it neither
+    reads ``x`` for the walk nor keeps ``x`` computed once a region absorbs it."""
+    if node.op != "call_function" or node.target is not aten._assert_tensor_metadata.default:
+        return False
+    x = node.args[0] if node.args else None
+    val = x.meta.get("val") if isinstance(x, fx.Node) else None
+    if not isinstance(val, torch.Tensor):
+        return False
+    want = {"dtype": val.dtype, "device": val.device, "layout": val.layout}
+    names = ("size", "stride", "dtype", "device", "layout")
+    given = dict(zip(names, node.args[1:]), **node.kwargs)
+    if given.get("size") is not None or given.get("stride") is not None:
+        return False
+    return all(given.get(k) in (None, v) for k, v in want.items())
 
 
 def _is_meta(node: fx.Node) -> bool:

@@ -110,8 +110,68 @@ def _squeeze(node, args):
     return np.squeeze(args[0], axis=tuple(axes) if axes is not None else None)
 
 
-# Pure ops evaluated on constants (numpy, in the constants' own dtype: these ops are exact in any dtype).
+MAX_COMPUTED = 1 << 24  # elements a weight-only value computed at fold time may hold
+
+
+def _computed(value: np.ndarray) -> np.ndarray:
+    if value.size > MAX_COMPUTED:
+        raise ValueError("weight-only value too large to compute at fold time")
+    return value
+
+
+def _float_math(fn: Callable[..., np.ndarray]) -> Callable[[ir.Node, list[np.ndarray]], np.ndarray]:
+    """Weight-only float arithmetic (DoRA's ``magnitude / ‖W + s·B·A‖``, which the legacy exporter leaves
+    unfolded), in the operands' dtype. Integer arithmetic is shape computation: never evaluated here."""
+
+    def evaluate(node: ir.Node, args: list[np.ndarray]) -> np.ndarray:
+        if not all(np.issubdtype(np.asarray(a).dtype, np.floating) for a in args):
+            raise TypeError("integer arithmetic")
+        out = np.asarray(fn(*args))
+        return _computed(out.astype(np.result_type(*args), copy=False))
+
+    return evaluate
+
+
+def _constant_of_shape(node: ir.Node, args: list[np.ndarray]) -> np.ndarray:
+    value = _attr(node, "value")
+    fill = _to_numpy(value).reshape(()) if value is not None else np.zeros((), np.float32)
+    dims = [int(d) for d in args[0]]
+    if int(np.prod(dims)) > MAX_COMPUTED:
+        raise ValueError("too large")
+    return np.full(dims, fill, dtype=fill.dtype)
+
+
+def _eye_like(node: ir.Node, args: list[np.ndarray]) -> np.ndarray:
+    rows, cols = args[0].shape
+    dtype = _attr(node, "dtype")
+    dtype = ir.DataType(dtype).numpy() if dtype is not None else args[0].dtype
+    return _computed(np.eye(rows, cols, k=int(_attr(node, "k", 0)), dtype=dtype))
+
+
+def _reduce_l2(node: ir.Node, args: list[np.ndarray]) -> np.ndarray:
+    axes = _axes(node, args)
+    if axes is None and _attr(node, "noop_with_empty_axes", 0):
+        return args[0]
+    x = args[0]
+    if not np.issubdtype(x.dtype, np.floating):
+        raise TypeError("integer reduction")
+    keep = bool(_attr(node, "keepdims", 1))
+    out = np.sqrt(np.sum(np.square(x), axis=None if axes is None else tuple(axes), keepdims=keep))
+    return out.astype(x.dtype)
+
+
+# Pure ops evaluated on constants (numpy, in the constants' own dtype). The reshaping ops are exact in any
+# dtype; the float arithmetic computes weight-only values once, as the graph would on every call.
 _CONST_OPS: dict[str, Callable[[ir.Node, list[np.ndarray]], np.ndarray]] = {
+    "ConstantOfShape": _constant_of_shape,
+    "EyeLike": _eye_like,
+    "MatMul": _float_math(np.matmul),
+    "Add": _float_math(np.add),
+    "Sub": _float_math(np.subtract),
+    "Mul": _float_math(np.multiply),
+    "Div": _float_math(np.divide),
+    "Sqrt": _float_math(np.sqrt),
+    "ReduceL2": _reduce_l2,
     "Identity": lambda n, a: a[0],
     "Transpose": lambda n, a: np.transpose(a[0], _attr(n, "perm")),
     "Reshape": lambda n, a: _reshape(a[0], a[1], _attr(n, "allowzero", 0)),
@@ -386,6 +446,17 @@ def _identity(ctx, node):
     return node.inputs[0], canonical.channel_constant(1.0, None)
 
 
+def _same_type_cast(ctx, node):
+    """``Cast`` to the type its input already has (PEFT's ``result.to(previous_dtype)``, exported): the identity."""
+    x = node.inputs[0]
+    to = _attr(node, "to", None)
+    if x is None or x.dtype is None or to is None or int(to) != x.dtype.value:
+        return None
+    if any(ctx.nonlinearity(use.node) is not None for use in node.outputs[0].uses()):
+        return None  # the cast that opens a decomposed norm is part of what runtimes fuse: kept
+    return x, canonical.channel_constant(1.0, None)
+
+
 def _neg(ctx, node):
     return node.inputs[0], canonical.channel_constant(-1.0, shape_of(ctx, node.inputs[0]))
 
@@ -413,11 +484,12 @@ UNARY: dict[str, Callable] = {
     "BatchNormalization": _batch_norm,
     "Dropout": _dropout,
     "Identity": _identity,
+    "Cast": _same_type_cast,
     "Neg": _neg,
     "AveragePool": _avg_pool,
 }
 LABELS = {"MatMul": "linear", "Gemm": "linear", "Conv": "conv", "BatchNormalization": "batch_norm",
-          "Dropout": "dropout", "Identity": "identity", "Neg": "neg", "AveragePool": "avg_pool"}  # fmt: skip
+          "Dropout": "dropout", "Identity": "identity", "Cast": "cast", "Neg": "neg", "AveragePool": "avg_pool"}  # fmt: skip
 
 
 def recognize(ctx: OnnxContext, node: ir.Node) -> Op:
@@ -518,7 +590,8 @@ def _layer_norm(ctx: OnnxContext, node: ir.Node, out: ir.Value) -> Op | None:
 
 
 def _is_weight(c: np.ndarray | None) -> bool:
-    return c is not None and np.ndim(c) >= 2 and np.size(c) > 1
+    """A matrix or kernel: two axes longer than one (a ``[1, C]`` scale is a vector)."""
+    return c is not None and sum(d > 1 for d in np.shape(c)) >= 2
 
 
 def mark_shared(ctx: OnnxContext, ops: list[Op]) -> None:

@@ -10,7 +10,8 @@ whose fused map is costlier than the ops it replaces is cut into *boundaries* (v
 absorb; each piece still folds on its own): where it ends in a chain of affine ops, at the cuts that make
 the pieces cheapest in total (a dynamic programme over the chain, so that in ``project conv → BN → expand
 conv → BN`` both conv→BN pairs fold where the whole chain would cost a wide conv), otherwise at the
-operands of its last op. A split source (LayerNorm's normalisation under its affine) that would be needed
+operands of its last op. A value read by several ops that was absorbed although its readers did not all
+end in one region (a diamond that does not close) becomes a boundary too. A split source (LayerNorm's normalisation under its affine) that would be needed
 both folded and unfolded makes its op *opaque*. Each round adds at least one value to a set (every cut
 value was absorbed in the round that cut it), and in practice two or three rounds suffice.
 """
@@ -128,10 +129,10 @@ class WalkResult:
 def find_regions(ops: Sequence[Op], outputs: Iterable[Hashable], max_rounds: int = 50) -> WalkResult:
     """Run the walk to its fixpoint and return the regions to emit."""
     outputs = set(outputs)
-    users: dict[Hashable, int] = {}
+    users: dict[Hashable, list[Hashable]] = {}  # value -> keys of the ops that read it
     for op in ops:
         for v in set(op.inputs):
-            users[v] = users.get(v, 0) + 1
+            users.setdefault(v, []).append(op.key)
     by_key = {op.key: op for op in ops}
     boundaries: set[Hashable] = set()
     opaque: set[Hashable] = set()
@@ -170,14 +171,16 @@ class _Walk:
         self.absorbed_somewhere: set[Hashable] = set()
         self.not_folded: list[NotFolded] = []
         self.meta: dict[Hashable, tuple[Hashable, Hashable]] = {}  # meta op key -> (input, same-shaped value)
+        self.own: dict[Hashable, int] = {}  # op key -> its own multiply-adds per position
 
     # -- the walk -------------------------------------------------------------------------------
 
     def _absorbable(self, v: Hashable) -> bool:
+        """A value with several readers is absorbed tentatively: ``finish`` keeps that only where every
+        reader lies in the same region (a diamond, such as DoRA's base output read by the sum and by the
+        rescaling of its own bias), and otherwise makes it a boundary for the next round."""
         e = self.exprs.get(v)
-        if e is None or v in self.boundaries or v in self.outputs:
-            return False
-        return self.users.get(v, 0) == 1 or isinstance(e.map, Diagonal)
+        return e is not None and v not in self.boundaries and v not in self.outputs
 
     def _operand(self, v: Hashable) -> Expr | None:
         """The expression of input ``v`` if its consumer may absorb it, else None (``v`` is a source)."""
@@ -204,7 +207,7 @@ class _Walk:
 
     def _affine(self, op: Op) -> None:
         (x,) = op.inputs
-        own_cost = op.map.macs()
+        own_cost = self.own[op.key] = op.map.macs()
         if op.split:
             self._as_source(x)
             self.exprs[op.output] = Expr(SplitSource(op.key), op.map, (op.key,), own_cost, op.shared)
@@ -248,8 +251,9 @@ class _Walk:
                 self.absorbed[op.key] = taken
                 self.absorbed_somewhere.update(taken)
                 ops = tuple(dict.fromkeys(ea.ops + eb.ops)) + (op.key,)
-                add_cost = out_channels(fused) or 1  # one add per element
-                self.exprs[op.output] = Expr(ea.source, fused, ops, ea.cost + eb.cost + add_cost, shared)
+                add_cost = self.own[op.key] = out_channels(fused) or 1  # one add per element
+                twice = sum(self.own[k] for k in set(ea.ops) & set(eb.ops))  # a diamond's common part
+                self.exprs[op.output] = Expr(ea.source, fused, ops, ea.cost + eb.cost - twice + add_cost, shared)
                 return
         for v in op.inputs:
             self._as_source(v)
@@ -277,8 +281,12 @@ class _Walk:
         opaque: set[Hashable] = set()
         cost_refusals: list[NotFolded] = []
         ends = [v for v in self.exprs if v in self.materialized or v in self.outputs]
+        unshared = self._split_diamonds(ends)
+        boundaries |= unshared
         for v in ends:
             e = self.exprs[v]
+            if unshared and any(self.defined_by[u].key in e.ops for u in unshared):
+                continue  # it read a value that must stay computed: judged again in the next round
             if isinstance(e.source, SplitSource) and v in self.absorbed_somewhere:
                 opaque.add(v)  # needed both with and without its affine part: keep the op whole
                 continue
@@ -300,6 +308,19 @@ class _Walk:
             parts = tuple(self.by_key[k] for k in e.ops)
             regions.append(Region(v, e.source, e.map, e.ops, labels, e.cost, after, parts))
         return regions, boundaries, opaque, cost_refusals
+
+    def _split_diamonds(self, ends: list[Hashable]) -> set[Hashable]:
+        """The values read by several ops that were absorbed but do not have all their readers inside one
+        region (or are also needed as they are): absorbing them would compute them more than once.
+        A per-channel map folds into each reader, as before: it costs next to nothing to repeat."""
+        bad: set[Hashable] = set()
+        for v in self.absorbed_somewhere:
+            readers = self.users.get(v, ())
+            if len(readers) < 2 or isinstance(self.exprs[v].map, Diagonal):
+                continue
+            if v in self.materialized or not any(set(readers) <= set(self.exprs[e].ops) for e in ends):
+                bad.add(v)
+        return bad
 
     def _label(self, key: Hashable) -> str:
         return self.by_key[key].label

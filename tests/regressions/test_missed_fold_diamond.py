@@ -3,10 +3,9 @@
 Found by ``make fuzz``: two average-pool branches of one RepVGG/DBB-style block become one ``AveragePool``
 node after the legacy ONNX exporter's common-subexpression elimination, read by the sum and by a
 BatchNorm. The same diamond written by hand in torch (``p = pool(x); conv(x) + p + bn(p)``) is not folded
-either: ``rewriter/region.py`` ``_Walk._absorbable`` lets a value with more than one user be absorbed only
-when its map is diagonal, so ``p`` (a depthwise conv map) becomes a source of its own and the sum mixes
-two sources. The block is one conv (``W x`` with ``W = conv + pool + bn∘pool``); a missed fold, not a
-wrong result.
+either, as long as the walk absorbed a value with more than one user only when its map was diagonal: ``p``
+(a depthwise conv map) became a source of its own and the sum mixed two sources. The block is one conv
+(``W x`` with ``W = conv + pool + bn∘pool``); the walk now absorbs a value whose readers all lie in one region.
 """
 
 from __future__ import annotations
@@ -27,8 +26,6 @@ class Diamond(nn.Module):
         return torch.relu(self.conv(x) + p + self.bn(p))
 
 
-@pytest.mark.xfail(strict=True, reason="rewriter/region.py _Walk._absorbable: a multi-user non-diagonal value is "
-                   "never absorbed, even when every user lies inside the same region")  # fmt: skip
 @pytest.mark.parametrize("dialect", ["symbolic_trace", "export"])
 def test_pool_read_twice_in_one_sum_folds_to_one_conv(dialect):
     model = randomize_bn(Diamond()).eval()

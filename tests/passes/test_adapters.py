@@ -1,0 +1,142 @@
+"""Adapters are parallel linear branches: LoRA, DoRA and weight normalization fold with no adapter-specific
+code, in the three FX dialects.
+
+The hand-written modules below are the shapes PEFT writes, reduced: a low-rank pair summed into the base
+linear (with the casts to the dtype a tensor already has and eval-mode dropout between), DoRA's base output
+read twice (by the sum and by the rescaling of its own bias), weight normalization. Each folds to one linear;
+what must not fold (a bare bottleneck, a cast that rounds, dropout in training) stays.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import DIALECTS, fold_in
+from torch import nn
+
+import branchfold
+
+D, R = 32, 4
+
+
+def randomized(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Every parameter random (a fresh LoRA B is zero and a fresh bias may be: no fold exact by accident)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model
+
+
+class LoRA(nn.Module):
+    """``base(x) + B(A(dropout(x))) * s`` as PEFT's LoRA layer computes it, casts included."""
+
+    def __init__(self, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.base, self.a, self.b = nn.Linear(D, D), nn.Linear(D, R, bias=False), nn.Linear(R, D, bias=False)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x):
+        dtype = x.dtype
+        h = self.base(x)
+        lora = x.to(self.a.weight.dtype)
+        h = h + self.b(self.a(self.drop(lora))) * 2.0
+        return torch.relu(h.to(dtype))
+
+
+class DoRA(nn.Module):
+    """DoRA's eval-mode form: ``m / ||W + s·B·A||`` is computed from weights only; the base output is
+    read by the sum and by the rescaling of its bias-free part (a diamond)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.base, self.a, self.b = nn.Linear(D, D), nn.Linear(D, R, bias=False), nn.Linear(R, D, bias=False)
+        self.magnitude = nn.Parameter(torch.rand(D) + 0.5)
+
+    def forward(self, x):
+        h = self.base(x)
+        w = self.base.weight + 2.0 * (self.b.weight @ self.a.weight)
+        scale = (self.magnitude / torch.linalg.norm(w, dim=1).detach()).view(1, -1)
+        lora = self.b(self.a(x))
+        h = h + ((scale - 1) * (h - self.base.bias) + scale * lora * 2.0)
+        return torch.relu(h)
+
+
+class Bottleneck(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(D, R), nn.Linear(R, D)
+
+    def forward(self, x):
+        return torch.relu(self.b(self.a(x)))
+
+
+def x_in() -> torch.Tensor:
+    return torch.randn(2, 5, D, generator=torch.Generator().manual_seed(3))
+
+
+@pytest.mark.parametrize("dialect", DIALECTS)
+def test_low_rank_pair_summed_into_the_base_linear_folds_through_casts_and_dropout(dialect):
+    f = fold_in(dialect, randomized(LoRA()).eval(), (x_in(),))
+    assert f.before["linear"] == 3 and f.count("linear") == 1
+    assert "cost" not in f.reasons()
+    assert f.ops_after == 2  # the linear and the relu: the casts and the dropout are gone with the sum
+
+
+@pytest.mark.parametrize("dialect", DIALECTS)
+def test_a_bare_bottleneck_stays_two_ops(dialect):
+    f = fold_in(dialect, randomized(Bottleneck()).eval(), (x_in(),))
+    assert f.count("linear") == 2 and f.regions == [] and "cost" in f.reasons()
+
+
+@pytest.mark.parametrize("dialect", ["symbolic_trace", "export"])
+def test_a_cast_that_rounds_is_not_an_identity(dialect):
+    class Rounded(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(D, D), nn.Linear(D, D)
+
+        def forward(self, x):
+            return torch.relu(self.a(x) + self.b(x.half().float()))
+
+    f = fold_in(dialect, randomized(Rounded()).eval(), (x_in(),))
+    assert f.count("linear") == 2 and f.regions == []
+
+
+def test_dropout_in_training_leaves_the_adapter_and_says_why():
+    f = fold_in("symbolic_trace", randomized(LoRA(dropout=0.5)).train(), (x_in(),), check=False)
+    assert "training-mode" in f.reasons()
+    assert f.count("linear") == 3  # the pair stays apart from the base linear (B may absorb the scale)
+
+
+@pytest.mark.parametrize("dialect", ["symbolic_trace", "export"])
+def test_dora_diamond_folds_to_one_linear(dialect):
+    """The pipeline computes the weight-only norm once; the base output read twice is then absorbed."""
+    model = randomized(DoRA()).eval()
+    with torch.no_grad():
+        model.magnitude.abs_().add_(0.5)
+    r = branchfold.fold_with_report(model, (x_in(),), capture=dialect, horizontal="off")
+    assert r.report.verified and r.report.max_error <= 1e-5
+    linears = [n for n in r.model.graph.nodes if "linear" in str(n.target)]
+    assert len(linears) == 1
+    assert r.report.after.params == D * D + D  # one weight and one bias: A, B and the magnitude are gone
+    with torch.no_grad():
+        assert torch.allclose(model(x_in() * 3), r.model(x_in() * 3), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("recipe", ["parametrizations", "legacy"])
+def test_weight_norm_is_computed_once_and_folds_with_its_sum(recipe):
+    class Normed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            wn = nn.utils.parametrizations.weight_norm if recipe == "parametrizations" else nn.utils.weight_norm
+            self.a, self.b = wn(nn.Linear(D, D)), nn.Linear(D, D)
+
+        def forward(self, x):
+            return torch.relu(self.a(x) + self.b(x))
+
+    model = Normed().eval()
+    r = branchfold.fold_with_report(model, (x_in(),), horizontal="off")
+    assert r.report.verified and r.report.max_error <= 1e-5
+    assert sum("linear" in str(n.target) for n in r.model.graph.nodes) == 1
+    assert r.report.after.params == D * D + D

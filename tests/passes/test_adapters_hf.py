@@ -1,0 +1,211 @@
+"""PEFT's LoRA and DoRA on Hugging Face models built from small configs (random weights, no downloads):
+``branchfold.fold`` of the adapted model equals ``merge_and_unload`` then fold, in op count, linear-op count
+and parameter count, and is exact. Nothing in branchfold knows PEFT: the adapters are parallel branches.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from helpers import count_kind, rel_err
+from torch import nn
+
+import branchfold
+
+T = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+H = 32
+BUILD = {
+    "bert": (lambda: T.BertModel(T.BertConfig(hidden_size=H, num_hidden_layers=2, num_attention_heads=2,
+                                              intermediate_size=2 * H, vocab_size=64)), ["query", "value"]),
+    "llama": (lambda: T.LlamaModel(T.LlamaConfig(hidden_size=H, num_hidden_layers=2, num_attention_heads=2,
+                                                 num_key_value_heads=2, intermediate_size=2 * H, vocab_size=64)),
+              ["q_proj", "v_proj"]),
+}  # fmt: skip
+
+
+class Hidden(nn.Module):
+    """The model's last hidden state, so both captures compare one tensor."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids):
+        return self.model(input_ids=ids).last_hidden_state
+
+
+def randomized(model: nn.Module) -> nn.Module:
+    """Every parameter random: fresh biases are zero (a fold drops a zero bias that merge keeps) and LoRA's B
+    is zero unless ``init_lora_weights=False``; norms get scales away from 1."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            scale = "norm" in name.lower() and name.endswith("weight")
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2 + (1.0 if scale else 0.0))
+    return model
+
+
+def adapted(name: str, dora: bool, subset: bool) -> nn.Module:
+    build, targets = BUILD[name]
+    torch.manual_seed(0)
+    base = randomized(build()).eval()
+    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, use_dora=dora, init_lora_weights=False,
+                             target_modules=targets if subset else "all-linear")  # fmt: skip
+    return peft.get_peft_model(base, config).eval()
+
+
+def ids() -> torch.Tensor:
+    return torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
+
+
+def linears(gm) -> int:
+    return sum("linear" in str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+
+
+def adapter_layers(model: nn.Module) -> int:
+    return sum(hasattr(m, "lora_A") and hasattr(m, "base_layer") for m in model.modules())
+
+
+@pytest.mark.parametrize("subset", [True, False], ids=["subset", "all-linear"])
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+@pytest.mark.parametrize("name", sorted(BUILD))
+def test_fold_equals_merge_and_unload(name, dora, subset):
+    model = adapted(name, dora, subset)
+    n_adapters = adapter_layers(model)
+    merged = copy.deepcopy(model).merge_and_unload().eval()
+    r = branchfold.fold_with_report(Hidden(model).eval(), (ids(),), horizontal="off")
+    m = branchfold.fold_with_report(Hidden(merged).eval(), (ids(),), horizontal="off")
+    rep = r.report
+    assert rep.verified and rep.max_error <= 1e-5
+    # every adapter sum is one region (base + A + B at least), and nothing is left for cost
+    adapter_sums = [f for f in rep.folded if f.ops.count("linear") >= 3]
+    assert len(adapter_sums) == n_adapters > 0
+    assert "cost" not in rep.skipped_by_reason()
+    assert linears(r.model) == linears(m.model)
+    assert rep.after.ops == m.report.after.ops
+    assert rep.after.params == m.report.after.params
+    assert rep.after.params < rep.before.params
+    x = torch.randint(0, 64, (3, 5), generator=torch.Generator().manual_seed(2))  # another batch and length
+    with torch.no_grad():
+        reference, ours = Hidden(merged)(x), r.model(x)
+        assert rel_err(Hidden(model)(x), ours) <= 1e-5
+        assert rel_err(reference, ours) <= 1e-5
+
+
+def test_horizontal_fusion_takes_the_folded_sums():
+    """All-linear LoRA on Llama: the adapter sums fold first, then Q/K/V and gate/up fuse as plain linears."""
+    model = adapted("llama", dora=False, subset=False)
+    merged = copy.deepcopy(model).merge_and_unload().eval()
+    r = branchfold.fold_with_report(Hidden(model).eval(), (ids(),), horizontal="on")
+    m = branchfold.fold_with_report(Hidden(merged).eval(), (ids(),), horizontal="on")
+    assert r.report.verified
+    assert r.report.counts_by_kind().get("horizontal") == m.report.counts_by_kind().get("horizontal") > 0
+    assert linears(r.model) == linears(m.model)
+
+
+def onnx_export(model: nn.Module, dynamo: bool, tmp_path, tag: str):
+    """The model exported unmerged, loaded into memory (``onnx.load`` inlines the dynamo exporter's
+    external data)."""
+    import warnings
+
+    onnx = pytest.importorskip("onnx")
+    path = tmp_path / f"{tag}.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Hidden(model).eval(), (ids(),), str(path), dynamo=dynamo, input_names=["ids"],
+                          **({} if dynamo else {"opset_version": 17}))  # fmt: skip
+    return onnx.load(str(path))
+
+
+def matmuls(proto) -> int:
+    return sum(n.op_type in ("MatMul", "Gemm") for n in proto.graph.node)
+
+
+@pytest.mark.parametrize(
+    ("name", "dora", "dynamo"),
+    [("bert", False, False), ("llama", False, True), ("llama", True, True), ("llama", True, False)],
+    ids=["bert-lora-legacy", "llama-lora-dynamo", "llama-dora-dynamo", "llama-dora-legacy"],
+)
+def test_onnx_export_of_the_adapted_model_folds_to_the_merged_exports_matmuls(name, dora, dynamo, tmp_path):
+    import onnx_ir as ir
+
+    model = adapted(name, dora, subset=True)
+    merged = copy.deepcopy(model).merge_and_unload().eval()
+    unmerged, reference = onnx_export(model, dynamo, tmp_path, "adapted"), onnx_export(merged, dynamo, tmp_path, "merged")
+    assert matmuls(unmerged) > matmuls(reference)
+    r = branchfold.fold_with_report(unmerged)
+    assert r.report.verified and r.report.max_error <= 1e-5
+    folded = r.model if hasattr(r.model, "graph") and hasattr(r.model.graph, "node") else ir.to_proto(r.model)
+    assert matmuls(folded) == matmuls(reference)
+
+
+class ConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(4, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x)))
+
+
+def test_lora_on_conv2d_folds_into_the_base_conv():
+    """PEFT's conv LoRA: a KxK ``lora_A`` conv then a 1x1 ``lora_B`` conv, summed into the base KxK."""
+    base = randomized(ConvNet()).eval()
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["conv", "head"], init_lora_weights=False)
+    model = peft.get_peft_model(base, config).eval()
+    x = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(0))
+    r = branchfold.fold_with_report(model, (x,))
+    assert r.report.verified and r.report.max_error <= 1e-5
+    assert count_kind(r.model, "conv") == 2  # one per adapted conv: A and B are gone
+    merged = copy.deepcopy(model).merge_and_unload().eval()
+    with torch.no_grad():
+        assert rel_err(merged(x), r.model(x)) <= 1e-5
+    assert r.report.after.params == sum(p.numel() for p in merged.parameters())
+
+
+def test_several_active_adapters_fold_into_one_linear():
+    model = adapted("bert", dora=False, subset=True)
+    model.add_adapter("second", peft.LoraConfig(r=2, target_modules=BUILD["bert"][1], init_lora_weights=False))
+    model.base_model.set_adapter(["default", "second"])
+    model.eval()
+    n_adapters = adapter_layers(model)
+    r = branchfold.fold_with_report(Hidden(model).eval(), (ids(),), horizontal="off")
+    merged = copy.deepcopy(model).merge_and_unload(adapter_names=["default", "second"]).eval()
+    m = branchfold.fold_with_report(Hidden(merged).eval(), (ids(),), horizontal="off")
+    assert r.report.verified and r.report.max_error <= 1e-5
+    assert len([f for f in r.report.folded if f.ops.count("linear") >= 5]) == n_adapters  # base + 2 pairs
+    assert linears(r.model) == linears(m.model)
+    assert r.report.after.params == m.report.after.params
+
+
+class OneLinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(64, 64)
+
+    def forward(self, x):
+        return torch.relu(self.lin(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_folded_adapter_weight_is_the_exact_sum_rounded_once(dtype):
+    """The fold forms ``W + s·B·A`` in float64 and rounds once: the correctly rounded weight, never further
+    from the exact sum than the merge, which adds in the weights' own dtype."""
+    base = randomized(OneLinear()).eval()
+    config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["lin"], init_lora_weights=False)
+    model = peft.get_peft_model(base, config).eval().to(dtype)
+    layer = model.base_model.model.lin
+    w, a, b = (t.detach().double() for t in (layer.base_layer.weight, layer.lora_A["default"].weight,
+                                             layer.lora_B["default"].weight))  # fmt: skip
+    exact = w + layer.scaling["default"] * (b @ a)
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(0)).to(dtype)
+    r = branchfold.fold_with_report(model, (x,))
+    (folded,) = [p for n, p in r.model.named_parameters() if n.startswith("branchfold_") and p.dim() == 2]
+    merged = copy.deepcopy(model).merge_and_unload().lin.weight
+    assert torch.equal(folded, exact.to(dtype))
+    fold_err, merge_err = ((t.double() - exact).abs().max() for t in (folded, merged))
+    assert fold_err <= merge_err
