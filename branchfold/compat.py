@@ -45,6 +45,7 @@ __all__ = [
     "in_spec",
     "is_overload",
     "overload_name",
+    "plain_tracer",
     "schema",
     "set_codegen",
 ]
@@ -89,6 +90,13 @@ def dynamo_source_name(node: fx.Node) -> str:
     grapharg = node.meta.get("grapharg")
     source = getattr(grapharg, "source", None)
     return (getattr(source, "name", "") or "") if source is not None else ""
+
+
+def plain_tracer(gm: fx.GraphModule) -> None:
+    """Record no tracer class on ``gm`` and its graph: ``torch.load`` re-traces a pickled GraphModule with the
+    recorded one, and export's tracer cannot be rebuilt outside an export (``missing 'scope_root'``)."""
+    gm.graph._tracer_cls, gm.graph._tracer_extras = None, {}
+    gm._tracer_cls, gm._tracer_extras = None, {}
 
 
 def child_modules(parent: nn.Module) -> list[tuple[str, nn.Module | None]]:

@@ -85,3 +85,16 @@ def test_dynamo_source_name_of_a_parameter_placeholder():
         torch.compile(nn.BatchNorm1d(3).eval(), backend=backend)(torch.randn(2, 3))
     torch._dynamo.reset()
     assert any("running_mean" in name for name in got), _broken("dynamo_source_name")
+
+
+def test_plain_tracer_clears_the_recorded_tracer():
+    """What ``torch.load`` re-traces a GraphModule with (the pickling itself: tests/test_readme_ship_it.py)."""
+
+    class M(nn.Module):
+        def forward(self, x):
+            return x * 2
+
+    module = torch.export.export(M(), (torch.randn(2),)).module()
+    compat.plain_tracer(module)
+    assert module.graph._tracer_cls is None and module._tracer_cls is None, _broken("plain_tracer")
+    assert fx.GraphModule(module, module.graph).graph._tracer_cls is None, _broken("plain_tracer")

@@ -23,6 +23,8 @@ import types
 from torch import fx, nn
 from torch.fx.experimental.symbolic_shapes import SYMPY_INTERP
 
+from branchfold import compat
+
 GUARDS = "_guards_fn"
 
 
@@ -64,8 +66,7 @@ def make_picklable(gm: fx.GraphModule) -> None:
     """Plain tracer for loading, and ``InputGuards`` for export's guards (dropped where they cannot be read).
 
     Graph copies and GraphModules built from ``gm``'s graph inherit both."""
-    gm.graph._tracer_cls, gm.graph._tracer_extras = None, {}
-    gm._tracer_cls, gm._tracer_extras = None, {}
+    compat.plain_tracer(gm)
     guards = getattr(gm, GUARDS, None)
     if guards is None or isinstance(guards, InputGuards):
         return
