@@ -169,6 +169,7 @@ def save_model(
     limit: int = PROTOBUF_LIMIT,
     data_name: str | None = None,
     check: Callable[[Path], None] | None = None,
+    rebind: bool = False,
 ) -> list[Path]:
     """Write ``model`` to ``path`` atomically and prove the file holds it; returns the files written.
 
@@ -180,6 +181,10 @@ def save_model(
     and every tensor is compared byte for byte with ``model``'s (``onnx_readback.verify_written``); then
     ``check`` (if given) runs on the staged file's path, e.g. onnxruntime against the original's outputs. If
     either fails, nothing is written and an existing output stays as it was.
+
+    ``rebind`` (an ``ir.Model``): its weights computed in memory are dropped once written and read from the
+    written file instead (proven equal byte for byte), so the check and the caller hold no second copy;
+    the model then needs the written file in place, as a loaded model needs its input.
     """
     target = Path(path)
     if target.is_dir():
@@ -191,7 +196,8 @@ def save_model(
     tmp = Path(tempfile.mkdtemp(prefix=".branchfold-", dir=folder))
     try:
         staged = onnx_weights.save(graph, tmp / target.name, external_data=external_data, limit=limit, data_name=data_name)
-        verify_written(staged[0], graph)
+        regions = verify_written(staged[0], graph)
+        rebound = _read_from_written(graph, regions, tmp) if rebind and graph is model else []
         if check is not None:
             check(staged[0])
         mode = 0o666 & ~_umask()
@@ -200,11 +206,29 @@ def save_model(
             os.chmod(f, mode)
             os.replace(f, target.with_name(f.name))
             written.append(target.with_name(f.name))
+        for tensor in rebound:
+            tensor.base_dir = str(folder.resolve())
         return written
     except OSError as e:
         raise InputError(f"cannot write {target}: {e}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _read_from_written(model: ir.Model, regions: dict[str, tuple[str, int, int]], folder: Path) -> list[ir.ExternalTensor]:
+    """Point ``model``'s in-memory initializers that were written out of line at their bytes in the written
+    file (in ``folder``); returns the new file-backed tensors, whose folder the caller moves with the file."""
+    rebound = []
+    for name, (location, offset, length) in regions.items():
+        value = model.graph.initializers[name]
+        t = value.const_value
+        if t is None or isinstance(t, ir.ExternalTensor):
+            continue
+        value.const_value = ir.ExternalTensor(
+            location, offset, length, t.dtype, shape=ir.Shape(t.shape), name=name, base_dir=str(folder.resolve())
+        )
+        rebound.append(value.const_value)
+    return rebound
 
 
 def _umask() -> int:

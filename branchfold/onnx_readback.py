@@ -136,10 +136,12 @@ def _inline_bytes(tensor: onnx.TensorProto) -> bytes:
     return ir.serde.TensorProtoTensor(tensor).tobytes()
 
 
-def verify_written(path: str | os.PathLike, model: ir.Model) -> int:
+def verify_written(path: str | os.PathLike, model: ir.Model) -> dict[str, tuple[str, int, int]]:
     """Check that the ONNX file at ``path`` holds ``model``'s main-graph initializers byte for byte, every
     reference resolving inside the file's folder, and that no other tensor of the file is left external
-    (the writer writes those inline). Returns the number of tensors compared; raises ``WrittenFileMismatch``."""
+    (the writer writes those inline). Returns where each initializer that is not inline in the graph lies,
+    ``{name: (file name, offset, length)}`` (a big inline one: a region of the model file itself); raises
+    ``WrittenFileMismatch``."""
     p = Path(path)
     try:
         proto, _ = load_weightless(p)  # inline weights become references into the file itself
@@ -154,6 +156,7 @@ def verify_written(path: str | os.PathLike, model: ir.Model) -> int:
     if stray:
         raise WrittenFileMismatch(f"the file written to {p} keeps external references outside its initializers: {stray[:3]}")
     files = _Files()
+    regions: dict[str, tuple[str, int, int]] = {}
     try:
         for name, t_proto in written.items():
             tensor = expected[name].const_value
@@ -165,6 +168,7 @@ def verify_written(path: str | os.PathLike, model: ir.Model) -> int:
                 except ValueError as e:
                     raise WrittenFileMismatch(f"the file written to {p}: {e}") from None
                 ok = _same(lambda at, n, w=where, o=offset: files.read(w, o + at, n), length, tensor, files)
+                regions[name] = (where.name, offset, length)
             else:
                 inline = memoryview(_inline_bytes(t_proto))
                 ok = _same(lambda at, n, b=inline: b[at : at + n], len(inline), tensor, files)
@@ -172,4 +176,4 @@ def verify_written(path: str | os.PathLike, model: ir.Model) -> int:
                 raise WrittenFileMismatch(f"tensor {name!r} of the file written to {p} reads back other bytes than were written")
     finally:
         files.close()
-    return len(written)
+    return regions

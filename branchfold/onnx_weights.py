@@ -256,7 +256,13 @@ def _common_folder(tensors: Iterable[ir.TensorProtocol]) -> str | None:
     return max(set(folders), key=folders.count) if folders else None
 
 
-def ort_session(model: ir.Model, options, weights: WeightsMode = "initializers", stand_in: StandInFile | None = None):
+def ort_session(
+    model: ir.Model,
+    options,
+    weights: WeightsMode = "initializers",
+    stand_in: StandInFile | None = None,
+    infer_shapes: bool = False,
+):
     """An onnxruntime CPU session for ``model`` without serializing its big tensors: file-backed ones are
     read by the runtime from their file (one folder, memory-mapped, no copy here).
 
@@ -271,10 +277,17 @@ def ort_session(model: ir.Model, options, weights: WeightsMode = "initializers",
       default ``stand_in_file(model)``; the original's, when the fold replaced every file-backed weight),
       so nothing is copied: the graph optimizer's fusions match op types, shapes and small constants
       (scalars, axes, epsilons: under ``MIN_EXTERNAL_BYTES``, passed as they are), never the values of a
-      big float weight. Where no such file region is long enough, a tensor goes as an initializer."""
+      big float weight. Where no such file region is long enough, a tensor goes as an initializer.
+
+    ``infer_shapes``: give the runtime the graph's shapes (inferred on the weightless graph) for a session
+    that is run to check numbers: the model as written declares only the input's own types, and a session
+    that knows no intermediate shape plans its memory worse (ViT-B/16: 230 MB more)."""
     import onnxruntime as ort
 
     proto, tensors = weightless_proto(model)
+    if infer_shapes:  # best effort: a session that knows its shapes plans its memory (ViT-B: 230 MB less)
+        with contextlib.suppress(Exception):
+            proto = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
     folder = _common_folder(tensors.values())
     if weights == "stand-ins":
         stand_in = stand_in or stand_in_file(model)

@@ -218,3 +218,20 @@ def test_the_api_takes_a_path_and_writes_a_checked_file(make_onnx, tmp_path, mon
     assert result.report.file_error is not None and result.report.file_error <= 1e-5
     x = R.standard_normal((3, 64)).astype(np.float32)
     np.testing.assert_allclose(_run(tmp_path / "f.onnx", x), _run(src, x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_big_inline_file_is_checked_from_its_own_bytes(make_onnx, tmp_path, monkeypatch):
+    """Past ``WHOLE_FILE_SESSION_BYTES`` the written file is not read whole by onnxruntime: its inline weights
+    reach the runtime as regions of the file itself. The check still sees the file's bytes."""
+    from branchfold.passes import onnx_pipeline
+
+    monkeypatch.setattr(onnx_pipeline, "WHOLE_FILE_SESSION_BYTES", 0)
+    src = tmp_path / "m.onnx"
+    onnx.save(_branches_with_small_tensors(make_onnx), src)
+    result = fold_onnx(src, output=tmp_path / "f.onnx")
+    assert result.report.file_error is not None and result.report.file_error <= 1e-5
+    staged = []
+    real = onnx_io.load
+    monkeypatch.setattr(onnx_io, "load", lambda path: staged.append(Path(path)) or real(path))
+    fold_onnx(src, output=tmp_path / "g.onnx")
+    assert [p.name for p in staged] == ["m.onnx", "g.onnx"] and staged[1].parent.name.startswith(".branchfold-")
