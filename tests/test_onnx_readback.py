@@ -115,7 +115,7 @@ def test_a_short_or_missing_data_file_is_one_input_error(make_onnx, tmp_path, cu
 def test_a_wrong_byte_in_the_written_data_is_caught(make_onnx, tmp_path):
     model = ir.from_proto(_branches_with_small_tensors(make_onnx))
     files = onnx_io.save_model(model, tmp_path / "m.onnx", external_data=True)
-    assert verify_written(files[0], model) == 4
+    assert verify_written(files[0], model) == {"w0": ("m.onnx.data", 0, 16384), "w1": ("m.onnx.data", 16384, 16384)}
     data = bytearray(files[1].read_bytes())
     data[-3] ^= 0xFF
     files[1].write_bytes(bytes(data))
@@ -235,3 +235,14 @@ def test_a_big_inline_file_is_checked_from_its_own_bytes(make_onnx, tmp_path, mo
     monkeypatch.setattr(onnx_io, "load", lambda path: staged.append(Path(path)) or real(path))
     fold_onnx(src, output=tmp_path / "g.onnx")
     assert [p.name for p in staged] == ["m.onnx", "g.onnx"] and staged[1].parent.name.startswith(".branchfold-")
+
+
+def test_a_model_written_with_rebind_reads_its_weights_from_the_file(make_onnx, tmp_path):
+    """Weights computed in memory are dropped once written and read back from the file, proven equal."""
+    model = ir.from_proto(_branches_with_small_tensors(make_onnx))
+    before = {n: v.const_value.numpy().copy() for n, v in model.graph.initializers.items()}
+    onnx_io.save_model(model, tmp_path / "m.onnx", external_data=True, rebind=True)
+    rebound = {n for n, v in model.graph.initializers.items() if isinstance(v.const_value, ir.ExternalTensor)}
+    assert rebound == {"w0", "w1"}
+    for name, array in before.items():
+        np.testing.assert_array_equal(model.graph.initializers[name].const_value.numpy(), array)
