@@ -29,8 +29,8 @@ RESULT_MARK = "BIG_CHILD_RESULT "
 # job → the modules it uses, imported before the clock starts (branchfold.cli imports its pipeline lazily)
 IMPORTS: dict[str, tuple[str, ...]] = {
     "onnx_ir": ("onnx_ir",),
-    "branchfold": ("branchfold.cli", "branchfold.onnx_io", "branchfold.passes.onnx_pipeline", "onnxruntime"),
-    "branchfold_verified": ("branchfold.cli", "branchfold.onnx_io", "branchfold.passes.onnx_pipeline", "onnxruntime"),
+    "branchfold": ("branchfold.cli", "branchfold.storage.onnx_io", "branchfold.passes.onnx_pipeline", "onnxruntime"),
+    "branchfold_verified": ("branchfold.cli", "branchfold.storage.onnx_io", "branchfold.passes.onnx_pipeline", "onnxruntime"),
     "onnxslim": ("onnxslim", "onnx"),
     "onnxscript": ("onnx_ir", "onnxscript.optimizer"),
 }

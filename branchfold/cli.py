@@ -70,8 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _fold(args: argparse.Namespace) -> int:
-    from branchfold import onnx_io
     from branchfold.passes.onnx_pipeline import fold_onnx
+    from branchfold.storage import onnx_io
 
     src = Path(args.input)
     out = Path(args.output) if args.output else src
@@ -109,7 +109,7 @@ def _fold(args: argparse.Namespace) -> int:
 def _refuse_overwriting_input_data(src: Path, out: Path) -> None:
     """The output's data file must not replace one the input reads (``-o b.onnx`` beside an ``a.onnx`` whose
     weights are in ``b.onnx.data``): the input would be changed."""
-    from branchfold import onnx_io
+    from branchfold.storage import onnx_io
 
     try:
         locations = onnx_io.external_locations(src)

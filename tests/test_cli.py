@@ -15,7 +15,8 @@ import pytest
 from onnx import helper
 
 import branchfold
-from branchfold import cli, onnx_io
+from branchfold import cli
+from branchfold.storage import onnx_io
 
 R = np.random.default_rng(0)
 

@@ -17,11 +17,11 @@ import pytest
 import torch
 from onnx import helper, numpy_helper
 
-from branchfold import onnx_folded, onnx_io
-from branchfold.onnx_folded import FoldedTensor, fingerprint, same_bytes
-from branchfold.onnx_wire import MIN_EXTERNAL_BYTES
 from branchfold.passes.onnx_pipeline import fold_onnx
 from branchfold.rewriter.rounding import RoundedRows
+from branchfold.storage import onnx_folded, onnx_io
+from branchfold.storage.onnx_folded import FoldedTensor, fingerprint, same_bytes
+from branchfold.storage.onnx_wire import MIN_EXTERNAL_BYTES
 
 ROOT = Path(__file__).resolve().parents[1]
 R = np.random.default_rng(11)
@@ -194,7 +194,7 @@ def test_equal_folded_weights_are_stored_once(make_onnx, tmp_path, monkeypatch):
 
 _PEAK_CHILD = """
 import json, sys
-from branchfold import onnx_io
+from branchfold.storage import onnx_io
 from branchfold.passes.onnx_pipeline import fold_onnx
 
 def status(key):

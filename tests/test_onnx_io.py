@@ -16,10 +16,16 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from branchfold import onnx_io
-from branchfold.onnx_weights import DATA_ALIGNMENT, Snapshot, ort_session, stand_in_file, weightless_proto
-from branchfold.onnx_wire import MIN_EXTERNAL_BYTES, load_weightless
 from branchfold.passes.onnx_pipeline import fold_onnx
+from branchfold.storage import onnx_io
+from branchfold.storage.onnx_weights import (
+    DATA_ALIGNMENT,
+    Snapshot,
+    ort_session,
+    stand_in_file,
+    weightless_proto,
+)
+from branchfold.storage.onnx_wire import MIN_EXTERNAL_BYTES, load_weightless
 
 R = np.random.default_rng(3)
 

@@ -12,10 +12,10 @@ import onnx_ir as ir
 import pytest
 from onnx import helper, numpy_helper
 
-from branchfold import onnx_io
 from branchfold.errors import BranchfoldError, InputError
-from branchfold.onnx_readback import WrittenFileMismatch, verify_written
 from branchfold.passes.onnx_pipeline import fold_onnx
+from branchfold.storage import onnx_io
+from branchfold.storage.onnx_readback import WrittenFileMismatch, verify_written
 
 R = np.random.default_rng(0)
 

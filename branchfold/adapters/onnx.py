@@ -17,13 +17,13 @@ import onnx_ir as ir
 import torch
 
 from branchfold.adapters.onnx_reshapes import UnflattenedOp, read_through_reshapes
-from branchfold.onnx_folded import FoldedTensor
-from branchfold.onnx_weights import return_freed_memory
-from branchfold.onnx_wire import MIN_EXTERNAL_BYTES
 from branchfold.patterns.onnx_ops import OnnxContext, mark_shared, recognize
 from branchfold.rewriter.affine import Conv, Dense, Diagonal, Tensorish, bias_if_any, value
 from branchfold.rewriter.region import NotFolded, Op, Region, SplitSource, WalkResult, find_regions
 from branchfold.rewriter.rounding import rounded, rounded_rows
+from branchfold.storage.onnx_folded import FoldedTensor
+from branchfold.storage.onnx_weights import return_freed_memory
+from branchfold.storage.onnx_wire import MIN_EXTERNAL_BYTES
 
 
 @dataclass

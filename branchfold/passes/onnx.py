@@ -16,9 +16,9 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 
 from branchfold.adapters.onnx import OnnxFoldResult, fold_graph
-from branchfold.onnx_folded import fingerprint, same_bytes
 from branchfold.passes.onnx_untouched import Liveness
 from branchfold.rewriter.region import Region
+from branchfold.storage.onnx_folded import fingerprint, same_bytes
 
 
 class FoldBranchesPass(ir.passes.InPlacePass):

@@ -23,11 +23,8 @@ import onnx
 import onnx_ir as ir
 import torch
 
-from branchfold import onnx_io
 from branchfold.adapters.onnx import OnnxFoldResult
 from branchfold.errors import BranchfoldError, InputError
-from branchfold.onnx_weights import FLOATS, Snapshot, ort_session, return_freed_memory, weightless_proto
-from branchfold.onnx_wire import load_weightless
 from branchfold.passes import verify as checks
 from branchfold.passes.onnx import fold_passes
 from branchfold.passes.onnx_horizontal import HorizontalFusionPass
@@ -39,6 +36,15 @@ from branchfold.patterns.horizontal import HorizontalMode, HorizontalResult, che
 from branchfold.report import FoldReport, Totals, region_report, skipped_report
 from branchfold.report_data import op_strip
 from branchfold.rewriter.region import Region
+from branchfold.storage import onnx_io
+from branchfold.storage.onnx_weights import (
+    FLOATS,
+    Snapshot,
+    ort_session,
+    return_freed_memory,
+    weightless_proto,
+)
+from branchfold.storage.onnx_wire import load_weightless
 
 Progress = Callable[[str], None]
 KNOWN_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "ai.onnx.preview.training"}

@@ -19,8 +19,8 @@ from collections.abc import Iterator
 import onnx
 import onnx_ir as ir
 
-from branchfold.onnx_weights import graphs
-from branchfold.onnx_wire import graph_protos
+from branchfold.storage.onnx_weights import graphs
+from branchfold.storage.onnx_wire import graph_protos
 
 
 def declared_value_info(proto: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:

@@ -51,7 +51,7 @@ import onnx
 import onnx_ir as ir
 
 from branchfold.errors import InputError
-from branchfold.onnx_weights import StandInFile, WeightsMode, stand_in_file
+from branchfold.storage.onnx_weights import StandInFile, WeightsMode, stand_in_file
 
 CONTRIB = "com.microsoft"
 NCHWC = "com.microsoft.nchwc"
@@ -183,7 +183,7 @@ def _as_ir(model: Model) -> ir.Model:
 def _model_file(model: Model) -> Iterator[str]:
     """``model`` written to a temporary file (weights streamed; external data when too large for one
     protobuf), for the tools that only take a path."""
-    from branchfold.onnx_weights import save
+    from branchfold.storage.onnx_weights import save
 
     with tempfile.TemporaryDirectory(prefix="branchfold-guard-") as folder:
         path = os.path.join(folder, "model.onnx")
@@ -199,7 +199,7 @@ def runtime_profile(model: Model, weights: WeightsMode = "stand-ins", stand_in: 
     regions stand in (by default the model's own; the guard passes the original's)."""
     import onnxruntime as ort
 
-    from branchfold.onnx_weights import ort_session, return_freed_memory
+    from branchfold.storage.onnx_weights import ort_session, return_freed_memory
 
     with tempfile.TemporaryDirectory(prefix="branchfold-ort-") as folder:
         optimized = os.path.join(folder, "optimized.onnx")

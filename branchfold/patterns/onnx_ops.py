@@ -24,12 +24,12 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
-from branchfold.onnx_folded import FoldedTensor
-from branchfold.onnx_weights import drop_pages
 from branchfold.patterns import canonical
 from branchfold.patterns.onnx_nonlinear import Nonlinearity, protected_nodes
 from branchfold.rewriter.affine import Refusal
 from branchfold.rewriter.region import Op
+from branchfold.storage.onnx_folded import FoldedTensor
+from branchfold.storage.onnx_weights import drop_pages
 
 ONNX_DOMAINS = ("", "ai.onnx")
 

@@ -5,7 +5,7 @@ Every adapter writes a map's tensor through here: the float64 value cast once (`
 stored weights of the model's dtype (two parallel linears, a branch and an identity), is computed in
 that dtype instead (``RoundedRows``): the same bits, and it needs no float64 copy, so it can also be
 computed a block of rows at a time straight into a file. An ONNX fold of a 2 GB model then never holds
-its new weights in memory (``branchfold.onnx_folded``).
+its new weights in memory (``branchfold.storage.onnx_folded``).
 
 Why the bits are the same: rounding an exact sum twice, to float64 and then to a format of p <= 24 bits,
 gives the correctly rounded result (double rounding is innocuous when 53 >= 2p + 2: Figueroa, 1995),

@@ -25,10 +25,10 @@ from onnx import helper, numpy_helper
 
 import branchfold
 from branchfold import cli
-from branchfold.onnx_weights import stand_in_file
 from branchfold.passes import runtime_guard as rg
 from branchfold.passes.onnx_pipeline import fold_onnx
 from branchfold.passes.runtime_guard import FusionGuard, Profile, profile_of, runtime_profile
+from branchfold.storage.onnx_weights import stand_in_file
 from branchfold.zoo import ZOO
 
 R = np.random.default_rng(0)
@@ -369,7 +369,7 @@ def test_gpt2_fold_keeps_every_transformer_fusion():
 
 
 def _file_backed(proto: onnx.ModelProto, tmp_path, name: str):
-    from branchfold import onnx_io
+    from branchfold.storage import onnx_io
 
     path = tmp_path / f"{name}.onnx"
     onnx.save(proto, path)

@@ -19,7 +19,7 @@ import onnx
 import onnx_ir as ir
 
 from branchfold.errors import BranchfoldError
-from branchfold.onnx_wire import load_weightless, model_tensors
+from branchfold.storage.onnx_wire import load_weightless, model_tensors
 
 CHUNK_BYTES = 2**20  # small enough that the heap reuses each chunk's memory for the next
 

@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from branchfold.onnx_wire import LENGTH_DELIMITED, MIN_EXTERNAL_BYTES, TENSOR_RAW_DATA, key, varint
+from branchfold.storage.onnx_wire import LENGTH_DELIMITED, MIN_EXTERNAL_BYTES, TENSOR_RAW_DATA, key, varint
 
 PLACEHOLDER = "<branchfold-weight>"
 PROTOBUF_LIMIT = 2**31 - 1  # a serialized ModelProto must stay under 2 GB

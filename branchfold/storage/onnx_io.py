@@ -22,10 +22,10 @@ from google.protobuf.message import DecodeError
 from onnx.external_data_helper import load_external_data_for_model, uses_external_data
 from onnx_ir import external_data as ir_external_data
 
-from branchfold import onnx_weights
 from branchfold.errors import InputError
-from branchfold.onnx_readback import region_problem, resolve, verify_written
-from branchfold.onnx_wire import WireError, load_weightless, model_tensors
+from branchfold.storage import onnx_weights
+from branchfold.storage.onnx_readback import region_problem, resolve, verify_written
+from branchfold.storage.onnx_wire import WireError, load_weightless, model_tensors
 
 PROTOBUF_LIMIT = onnx_weights.PROTOBUF_LIMIT  # a serialized ModelProto must stay under 2 GB
 
