@@ -14,13 +14,14 @@ from rich.console import Console
 from rich.table import Table
 
 
-def _fmt(n: int | None) -> str:
+def fmt(n: float | None) -> str:
+    """A count for people: 1.23M, 86.40k, 512 (shared by the text table and the HTML page)."""
     if n is None:
         return "?"
     for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(n) >= size:
             return f"{n / size:.2f}{unit}"
-    return str(n)
+    return f"{n:g}"
 
 
 UNBOUNDED = 100_000  # a width no line reaches: rows are never wrapped or cut
@@ -41,7 +42,7 @@ def render_report(report: Mapping[str, Any], title: str, max_skipped: int = 12, 
     if before and after:
         for key in ("ops", "params", "macs"):
             b, a = before[key], after[key]
-            totals.add_row(key, _fmt(b), _fmt(a), f"{a / b:.2f}x" if b else "-")
+            totals.add_row(key, fmt(b), fmt(a), f"{a / b:.2f}x" if b else "-")
     console.print(totals)
     counts = report.get("counts_by_kind") or {}
     kinds = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) or "none"

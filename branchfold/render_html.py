@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from html import escape
 from typing import Any
 
+from branchfold.render import fmt
 from branchfold.render_html_assets import CSS, SCRIPT
 from branchfold.render_svg import region_svg
 
@@ -59,15 +60,6 @@ def render_html(report: Mapping[str, Any], title: str = "branchfold") -> str:
 
 # ----------------------------------------------------------------------------------------------
 # numbers and places
-
-
-def fmt(n: float | None) -> str:
-    if n is None:
-        return "?"
-    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.2f}{unit}"
-    return f"{n:g}"
 
 
 def _ranges(nums: Sequence[int]) -> str:
