@@ -234,15 +234,6 @@ def test_a_big_inline_file_is_checked_from_its_own_bytes(make_onnx, tmp_path, mo
     real = onnx_io.load
     monkeypatch.setattr(onnx_io, "load", lambda path: staged.append(Path(path)) or real(path))
     fold_onnx(src, output=tmp_path / "g.onnx")
-    assert [p.name for p in staged] == ["m.onnx", "g.onnx"] and staged[1].parent.name.startswith(".branchfold-")
+    (written,) = staged  # the input is read by onnx_io.read; the staged output through its own regions
+    assert written.name == "g.onnx" and written.parent.name.startswith(".branchfold-")
 
-
-def test_a_model_written_with_rebind_reads_its_weights_from_the_file(make_onnx, tmp_path):
-    """Weights computed in memory are dropped once written and read back from the file, proven equal."""
-    model = ir.from_proto(_branches_with_small_tensors(make_onnx))
-    before = {n: v.const_value.numpy().copy() for n, v in model.graph.initializers.items()}
-    onnx_io.save_model(model, tmp_path / "m.onnx", external_data=True, rebind=True)
-    rebound = {n for n, v in model.graph.initializers.items() if isinstance(v.const_value, ir.ExternalTensor)}
-    assert rebound == {"w0", "w1"}
-    for name, array in before.items():
-        np.testing.assert_array_equal(model.graph.initializers[name].const_value.numpy(), array)

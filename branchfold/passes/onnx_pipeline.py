@@ -44,7 +44,6 @@ from branchfold.storage.onnx_weights import (
     return_freed_memory,
     weightless_proto,
 )
-from branchfold.storage.onnx_wire import load_weightless
 
 Progress = Callable[[str], None]
 KNOWN_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "ai.onnx.preview.training"}
@@ -161,10 +160,12 @@ def fold_onnx(
         check_transformer_type(transformer_guard)
     say = progress or (lambda _msg: None)
     path = Path(model) if isinstance(model, (str, os.PathLike)) else None
+    locations: list[str] = []  # the data files an input file names (its output's data file follows their name)
     if path is not None:
         say("reading the model")
-        source, as_ir = onnx_io.load(path), True
-        declared = declared_value_info(load_weightless(path)[0])
+        (source, header), as_ir = onnx_io.read(path), True
+        declared = declared_value_info(header)
+        locations = onnx_io.locations_in(header, path.name)
     elif isinstance(model, ir.Model):
         source, as_ir = model, True
         declared = declared_value_info(weightless_proto(model)[0])
@@ -229,13 +230,15 @@ def fold_onnx(
         if outcome is not None and not outcome.ok:
             raise BranchfoldError(f"the folded model differs from the original (error {outcome.error:.2e}); nothing written")
         say("writing the folded model")
-        _write(current.model, Path(output), path, external_data, checker, report)
+        _write(current.model, Path(output), path, locations, external_data, checker, report)
     return FoldResult(current.model if as_ir else ir.to_proto(current.model), report)
 
 
-def _write(model: ir.Model, output: Path, source: Path | None, external_data: bool | None, checker, report) -> None:
-    """Write ``model`` and check the file written (see ``fold_onnx``); the report says what was checked."""
-    locations = onnx_io.external_locations(source) if source is not None else []
+def _write(
+    model: ir.Model, output: Path, source: Path | None, locations: list[str], external_data: bool | None, checker, report
+) -> None:
+    """Write ``model`` and check the file written (see ``fold_onnx``); the report says what was checked.
+    ``locations``: the data files the input file (``source``) named, one entry per tensor."""
     if external_data is None and locations:
         external_data = True
     data_name = onnx_io.data_file_name(output, locations, source.name if source is not None else None)
@@ -251,9 +254,8 @@ def _write(model: ir.Model, output: Path, source: Path | None, external_data: bo
             )
 
     written = onnx_io.save_model(
-        model, output, external_data=external_data, data_name=data_name, check=check if checker is not None else None,
-        rebind=True,
-    )  # fmt: skip
+        model, output, external_data=external_data, data_name=data_name, check=check if checker is not None else None
+    )
     report.written = [str(p) for p in written]
     report.file_error = errors[0] if errors else None
 

@@ -48,14 +48,12 @@ def restore_declared(model: ir.Model, declared: dict[str, onnx.ValueInfoProto]) 
         io = {*graph.inputs, *graph.outputs}
         for value in _values(graph):
             info = declared.get(value.name or "")
-            if info is None:
-                if value not in io:
-                    value.type = None
-                    value.shape = None
+            if info is None and value in io:
                 continue
             value.type = None
             value.shape = None
-            ir.serde.deserialize_value_info_proto(info, value)
+            if info is not None:
+                ir.serde.deserialize_value_info_proto(info, value)
 
 
 class Liveness:

@@ -40,8 +40,12 @@ def external_locations(path: str | os.PathLike) -> list[str]:
     tensors in. Read without its weights: parsing a 650 MB file with protobuf to answer this would cost
     twice its size in memory."""
     p = Path(path)
-    proto, _ = load_weightless(p)
-    return [e.value for t in external_tensors(proto) for e in t.external_data if e.key == "location" and e.value != p.name]
+    return locations_in(load_weightless(p)[0], p.name)
+
+
+def locations_in(proto: onnx.ModelProto, name: str) -> list[str]:
+    """``external_locations`` of a model file named ``name`` whose graph is ``proto`` (as ``read`` gives it)."""
+    return [e.value for t in external_tensors(proto) for e in t.external_data if e.key == "location" and e.value != name]
 
 
 def has_external_data(path: str | os.PathLike) -> bool:
@@ -114,6 +118,12 @@ def _checked_model(model: onnx.ModelProto, p: Path) -> None:
 def load(path: str | os.PathLike) -> ir.Model:
     """Load an ONNX file as an ``onnx_ir`` model whose weights stay in their files (memory-mapped when
     read), or raise one readable InputError."""
+    return read(path)[0]
+
+
+def read(path: str | os.PathLike) -> tuple[ir.Model, onnx.ModelProto]:
+    """``load``, and the file's graph as written without its weights (what the file declares, the data files
+    it names), from one scan of the file."""
     p = _checked_path(path)
     try:
         proto, _ = load_weightless(p)
@@ -121,10 +131,10 @@ def load(path: str | os.PathLike) -> ir.Model:
         raise InputError(f"{p} is not a readable ONNX model (truncated or another format): {e}") from None
     _checked_model(proto, p)
     if os.stat(p).st_nlink > 1:  # onnx_ir refuses to map a hard-linked file: read the weights now
-        return ir.from_proto(load_model(p))
+        return ir.from_proto(load_model(p)), proto
     model = ir.serde.deserialize_model(proto)
     set_base_dir(model, p.parent)
-    return model
+    return model, proto
 
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
@@ -169,7 +179,6 @@ def save_model(
     limit: int = PROTOBUF_LIMIT,
     data_name: str | None = None,
     check: Callable[[Path], None] | None = None,
-    rebind: bool = False,
 ) -> list[Path]:
     """Write ``model`` to ``path`` atomically and prove the file holds it; returns the files written.
 
@@ -181,10 +190,6 @@ def save_model(
     and every tensor is compared byte for byte with ``model``'s (``onnx_readback.verify_written``); then
     ``check`` (if given) runs on the staged file's path, e.g. onnxruntime against the original's outputs. If
     either fails, nothing is written and an existing output stays as it was.
-
-    ``rebind`` (an ``ir.Model``): its weights computed in memory are dropped once written and read from the
-    written file instead (proven equal byte for byte), so the check and the caller hold no second copy;
-    the model then needs the written file in place, as a loaded model needs its input.
     """
     target = Path(path)
     if target.is_dir():
@@ -196,8 +201,7 @@ def save_model(
     tmp = Path(tempfile.mkdtemp(prefix=".branchfold-", dir=folder))
     try:
         staged = onnx_weights.save(graph, tmp / target.name, external_data=external_data, limit=limit, data_name=data_name)
-        regions = verify_written(staged[0], graph)
-        rebound = _read_from_written(graph, regions, tmp) if rebind and graph is model else []
+        verify_written(staged[0], graph)
         if check is not None:
             check(staged[0])
         mode = 0o666 & ~_umask()
@@ -206,29 +210,11 @@ def save_model(
             os.chmod(f, mode)
             os.replace(f, target.with_name(f.name))
             written.append(target.with_name(f.name))
-        for tensor in rebound:
-            tensor.base_dir = str(folder.resolve())
         return written
     except OSError as e:
         raise InputError(f"cannot write {target}: {e}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _read_from_written(model: ir.Model, regions: dict[str, tuple[str, int, int]], folder: Path) -> list[ir.ExternalTensor]:
-    """Point ``model``'s in-memory initializers that were written out of line at their bytes in the written
-    file (in ``folder``); returns the new file-backed tensors, whose folder the caller moves with the file."""
-    rebound = []
-    for name, (location, offset, length) in regions.items():
-        value = model.graph.initializers[name]
-        t = value.const_value
-        if t is None or isinstance(t, ir.ExternalTensor):
-            continue
-        value.const_value = ir.ExternalTensor(
-            location, offset, length, t.dtype, shape=ir.Shape(t.shape), name=name, base_dir=str(folder.resolve())
-        )
-        rebound.append(value.const_value)
-    return rebound
 
 
 def _umask() -> int:

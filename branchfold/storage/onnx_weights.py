@@ -186,7 +186,8 @@ class Snapshot:
     def __init__(self, model: ir.Model, infer_shapes: bool = True) -> None:
         proto, self.tensors = weightless_proto(model)
         if infer_shapes:
-            _inline_small(proto, self.tensors)  # best effort, as onnx_ir's ShapeInferencePass: the fold refuses what it cannot see
+            _inline_small(proto, self.tensors)
+            # best effort, as onnx_ir's ShapeInferencePass: the fold refuses what it cannot see
             with contextlib.suppress(Exception):
                 proto = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=False, data_prop=True)
         self.data = proto.SerializeToString()
