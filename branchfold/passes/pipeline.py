@@ -378,10 +378,15 @@ def count_params(module: nn.Module) -> int:
 
 def count_macs(module: nn.Module, args: tuple, kwargs: dict) -> int:
     """Multiply-adds of one call, counted on fake tensors (shapes only, no arithmetic: a ViT-B/16 counts in
-    a fraction of its forward time); by a real run where a fake one raises (a data-dependent op)."""
+    a fraction of its forward time); by a real run where a fake one raises (a data-dependent op).
+
+    A fake run writes only fake copies of the state, so a training-mode module is counted as it is; the
+    real run works on a deep copy of such a module (it would update the running statistics we share)."""
     try:
         return _count_macs(module, args, kwargs, fake=True)
     except Exception:  # torch raises many types for ops fake tensors cannot run
+        if _any_training(module):
+            module = copy.deepcopy(module)
         return _count_macs(module, args, kwargs, fake=False)
 
 
@@ -399,6 +404,7 @@ def _count_macs(module: nn.Module, args: tuple, kwargs: dict, fake: bool) -> int
     with torch.no_grad(), mode, counter:
         functional_call(module, state, args, kwargs)
     return counter.get_total_flops() // 2
+
 
 def region_name(key) -> str:
     """A region's or a skipped op's name in the report: the module path of a module call, else the node's name."""
@@ -431,6 +437,4 @@ def build_report(gm, final, result, undone, args, kwargs, outcome, training, mac
 
 def _safe_macs(module, args, kwargs) -> int:
     with _fixed_rng(0):
-        if _any_training(module):
-            module = copy.deepcopy(module)  # running a training-mode copy must not touch buffers we share
         return count_macs(module, args, kwargs)

@@ -251,3 +251,33 @@ def test_regions_that_pass_alone_but_fail_together_are_all_undone(monkeypatch):
     assert r.report.verified and rel_err(m(x), r.model(x)) <= 1e-5
     assert r.report.folded == []
     assert r.report.skipped_by_reason().get("failed-check") == 2  # the broken sum and the good chain
+
+
+def test_macs_of_a_training_module_are_counted_without_touching_its_buffers():
+    """The count runs on fake tensors: a BatchNorm in training mode would update its running statistics
+    in a real run, and must not in the count."""
+    from branchfold.passes.pipeline import count_macs
+
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Linear(16, 4)).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert count_macs(model, (torch.randn(5, 8),), {}) == 5 * (8 * 16 + 16 * 4)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_module_fake_tensors_cannot_run_is_counted_on_a_copy():
+    """A data-dependent op sends the count to a real run; a training-mode module runs as a copy there."""
+    from branchfold.passes.pipeline import count_macs
+
+    class DataDependent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin, self.bn = nn.Linear(8, 8), nn.BatchNorm1d(8)
+
+        def forward(self, x):
+            y = self.bn(self.lin(x))
+            return y[y.sum(dim=1) > 0].sum() + y.nonzero().shape[0]
+
+    model = DataDependent().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert count_macs(model, (torch.randn(5, 8),), {}) == 5 * 8 * 8
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
