@@ -90,6 +90,38 @@ def fold_module(
     a free batch, the check also runs the original and the folded model at a second batch size (1, or 3
     where the example's batch is 1), unless the original itself does not run at it.
     """
+    options = dict(capture_method=capture_method, verify_result=verify_result, random_checks=random_checks,
+                   tolerance=tolerance, seed=seed, horizontal=horizontal, dynamic=dynamic)  # fmt: skip
+    try:
+        return _fold_module(model, args, kwargs, defer_capture_check=verify_result, **options)
+    except _CaptureSuspect:  # a check failed where the capture itself may be wrong: check it first this time
+        return _fold_module(model, args, kwargs, defer_capture_check=False, **options)
+
+
+class _CaptureSuspect(Exception):
+    """A verified fold failed a check, and the free-batch capture it started from is not the original."""
+
+
+def _fold_module(
+    model: nn.Module,
+    args: Sequence,
+    kwargs: dict | None,
+    *,
+    capture_method: CaptureMethod,
+    verify_result: bool,
+    random_checks: int,
+    tolerance: float | None,
+    seed: int,
+    horizontal: HorizontalMode,
+    dynamic: bool | None,
+    defer_capture_check: bool,
+) -> FoldResult:
+    """``fold_module``. With ``defer_capture_check``, the free-batch capture is not run on its own at the
+    second batch: the folded candidate is checked there against the same outputs of the original, and the
+    fold is exact with respect to the capture, so a passing check covers the capture too (one forward call
+    fewer). Where a check fails, the capture is run there on its own; if it is what differs,
+    ``_CaptureSuspect`` asks for the fold again with the capture checked first (and replaced).
+    """
     check_mode(horizontal)
     if not isinstance(model, nn.Module):
         raise InputError(f"expected an nn.Module, got {type(model).__name__}")
@@ -118,7 +150,8 @@ def fold_module(
         example_ref = ref_outputs[0] if ref_outputs is not None else None
         with stage("second-batch"):
             captured, second = _second_batch(captured, source, reference, args, kwargs, example_ref, generator,
-                                             seed, tolerance, capture_method, dynamic)  # fmt: skip
+                                             seed, tolerance, capture_method, dynamic,
+                                             check_capture=not defer_capture_check)  # fmt: skip
     # The second batch's set is random inputs too: it counts as one of the ``random_checks`` (each costs a
     # forward call of the original and one per folded candidate).
     for _ in range(random_checks - (second is not None and random_checks > 0)):
@@ -178,6 +211,11 @@ def fold_module(
     settled = settle(attempt, checks)
     folded, result, fused = settled.candidate.model, settled.candidate.result, settled.candidate.fusion
     outcome = settled.outcome(checks[0]).outcome if checks else None
+    if defer_capture_check and second is not None and (settled.undone or settled.notes or not outcome.ok):
+        own = [second] + ([((args, kwargs), ref_outputs[0])] if captured.traced_other_shapes else [])
+        with stage("second-batch"):
+            if _capture_mismatch(captured.module, own, seed, tolerance) is not None:
+                raise _CaptureSuspect
     final = fx.GraphModule(folded, folded.graph, class_name=type(gm).__name__)  # drops unused weights
     final.training = training  # the top-level flag only: submodules keep their own modes (a BN left in training)
     seen = example_outputs.get(id(folded))
@@ -201,7 +239,8 @@ def fold_module(
 
 
 def _second_batch(
-    captured: Capture, source, reference, args, kwargs, example_ref, generator, seed, tolerance, method, dynamic
+    captured: Capture, source, reference, args, kwargs, example_ref, generator, seed, tolerance, method, dynamic,
+    check_capture: bool = True,
 ) -> tuple[Capture, tuple[tuple[tuple, dict], object] | None]:
     """A check set at another batch size (and, where free, another sequence length), with the original's
     outputs on it, for a capture that leaves the batch free.
@@ -210,7 +249,8 @@ def _second_batch(
     traced on a repeated copy): export reasons about a free size as "at least 2", so a model that
     branches on ``x.shape[0] > 1`` is captured wrongly for batch 1. Such a capture is replaced by a static
     one (export) or keeps only the example's batch (symbolic_trace), and a note says so. This runs even
-    when the fold itself is not verified; ``example_ref`` is then None and computed only if needed.
+    when the fold itself is not verified; ``example_ref`` is then None and computed only if needed. Without
+    ``check_capture`` only the set and the original's outputs are made (the caller's checks cover the rest).
     """
     batch = example_batch(args, kwargs)
     for batch_only in (False, True):
@@ -228,6 +268,8 @@ def _second_batch(
         captured.notes.append(f"the original model does not run at batch {example_batch(*resized)}, so the "
                               f"free batch size was checked at the example's batch {batch} only")  # fmt: skip
         return captured, None
+    if not check_capture:
+        return captured, ((a, k), ref)
     checks = [((a, k), ref)]
     if captured.traced_other_shapes:  # traced on a repeated copy: the example's own batch is a free size too
         example_ref = example_ref if example_ref is not None else seeded_run(reference, args, kwargs, seed)

@@ -255,3 +255,21 @@ def test_dynamic_false_is_static_and_dynamic_true_makes_the_fallback_an_error():
         branchfold.fold(SetOfBatches().eval(), (x,), dynamic=True)
     with pytest.raises(branchfold.CaptureError, match="differs from the original at batch 1"):
         branchfold.fold(BatchStatistics().eval(), (x,), dynamic=True)
+
+
+def test_a_verified_fold_runs_the_capture_on_its_own_only_when_a_check_fails(monkeypatch):
+    """The folded candidate's check at the second batch covers the capture (the fold is exact with respect
+    to it): the capture is run there on its own only after a failed check, to tell the two apart."""
+    from branchfold.passes import pipeline
+
+    calls = []
+    real = pipeline._capture_mismatch
+    monkeypatch.setattr(pipeline, "_capture_mismatch", lambda *a: calls.append(1) or real(*a))
+    r = branchfold.fold_with_report(Plain().eval(), (torch.randn(2, 8),))
+    assert r.report.verified and r.report.checked_batches == [2, 1] and calls == []
+    branchfold.fold_with_report(Plain().eval(), (torch.randn(2, 8),), verify=False)
+    assert len(calls) == 1  # unverified: the capture's own check is the only one
+    calls.clear()
+    r = branchfold.fold_with_report(BatchStatistics().eval(), (torch.randn(2, 8),))
+    assert len(calls) == 2  # after the failed check, and again in the fold that checks the capture first
+    assert "differs from the original at batch 1" in _static_notes(r.report)[0]
