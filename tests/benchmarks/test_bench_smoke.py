@@ -157,4 +157,6 @@ def test_fold_time_rows_carry_ratios_and_stages():
     assert math.isclose(row["verified_ratio"], row["fold_verified_s"] / base)
     assert row["verified"] is True and "capture" in row["stages (verified, s)"]
     assert "verify" not in row["stages (unverified, s)"]
+    assert _finite_positive(row["free_batch_export_s"]) and _finite_positive(row["fold_unverified_static_s"])
+    assert math.isclose(row["unverified_static_ratio"], row["fold_unverified_static_s"] / base)
     assert "fold_time" in run.OTHERS.values()
