@@ -35,9 +35,11 @@ class Lazy:
     weights for as long as the report holds the region (1.2 GB for GPT-2's 24 LayerNorm folds).
 
     ``terms`` and ``diagonal`` describe the commonest weights exactly, for ``rounded``: the value is the
-    sum of one or two stored tensors (``terms``), plus a float64 vector on the diagonal when set."""
+    sum of one or two stored tensors (``terms``), plus a float64 vector on the diagonal when set. Or
+    ``product``: the value is a stored tensor times a float64 factor broadcast over it (a LayerNorm's or
+    a BatchNorm's per-channel scale taken into the weight beside it)."""
 
-    __slots__ = ("shape", "_compute", "terms", "diagonal")
+    __slots__ = ("shape", "_compute", "terms", "diagonal", "product")
 
     def __init__(
         self,
@@ -45,11 +47,13 @@ class Lazy:
         compute: Callable[[], torch.Tensor],
         terms: tuple[torch.Tensor, ...] | None = None,
         diagonal: torch.Tensor | None = None,
+        product: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         self.shape = torch.Size(shape)
         self._compute = compute
         self.terms = terms
         self.diagonal = diagonal
+        self.product = product
 
     def dim(self) -> int:
         return len(self.shape)
@@ -420,6 +424,16 @@ def bias_if_any(m: Dense | Conv) -> torch.Tensor | None:
     return bias if bool((bias != 0).any()) else None
 
 
+def _scaled(t: Tensorish, factor: torch.Tensor) -> Tensorish:
+    """``t * factor`` (a float64 factor broadcast over ``t``), lazy when ``t`` is; a stored weight keeps
+    itself and the factor apart (``Lazy.product``), so that rounding can multiply in the weight's dtype."""
+    if not isinstance(t, Lazy):
+        return value(t) * factor
+    terms = _stored_terms(t)
+    product = (terms[0], factor) if len(terms) == 1 else None
+    return Lazy(t.shape, lambda: value(t) * factor, product=product)
+
+
 def _elementwise(t: Tensorish, fn: Callable[[torch.Tensor], torch.Tensor]) -> Tensorish:
     """``fn`` of ``t``'s float64 value (a negation, a broadcast with small eager factors): lazy when ``t``
     is, so a weight is still read only when its region is written."""
@@ -440,7 +454,7 @@ def compose_maps(outer: AffineMap, inner: AffineMap) -> AffineMap:
     if isinstance(outer, Diagonal):
         scale, shift = _diag_vectors(outer, out_channels(inner))
         view = scale.reshape(-1, *([1] * (inner.weight.dim() - 1)))
-        return replace(inner, weight=_elementwise(inner.weight, lambda w: w * view),
+        return replace(inner, weight=_scaled(inner.weight, view),
                        bias=_elementwise(inner.bias, lambda b: b * scale + shift))
     if isinstance(inner, Diagonal):
         return _compose_after_diagonal(outer, inner)
@@ -462,7 +476,7 @@ def _compose_after_diagonal(outer: Dense | Conv, inner: Diagonal) -> AffineMap:
         bias = outer.bias
         if inner.has_shift:
             bias = lazy(outer.bias.shape, lambda: value(outer.weight) @ shift + value(outer.bias))
-        return Dense(_elementwise(outer.weight, lambda w: w * scale), bias)
+        return Dense(_scaled(outer.weight, scale), bias)
     scale, shift = _diag_vectors(inner, outer.in_channels)
     g, in_per_g = outer.groups, outer.weight.shape[1]
     out_per_g = outer.out_channels // g

@@ -137,10 +137,41 @@ def rounded(t: Tensorish, dtype: torch.dtype, transposed: bool = False) -> torch
     if rows is not None:
         w = rows.full()
         return w.t() if transposed and w.dim() == 2 else w
+    product = _rounded_product(t, dtype)
+    if product is not None:  # a fresh tensor laid out as the stored weight is
+        if transposed and product.dim() == 2:
+            return product if product.t().is_contiguous() else product.t().contiguous().t()
+        return product.contiguous()
     exact = value(t)
     if transposed and exact.dim() == 2:  # cast and lay out in one strided pass
         return torch.empty(exact.shape[::-1], dtype=dtype, device=exact.device).t().copy_(exact)
-    return exact.to(dtype, copy=True)  # a copy even where the value is a float64 tensor of the caller's
+    # a copy even where the value is a float64 tensor of the caller's, and contiguous even where the value
+    # kept a stored weight's column-major layout
+    return exact.to(dtype, copy=True, memory_format=torch.contiguous_format)
+
+
+def _rounded_product(t: Tensorish, dtype: torch.dtype) -> torch.Tensor | None:
+    """A stored weight times a factor (``Lazy.product``), multiplied in ``dtype`` where that gives the
+    bits of the float64 product rounded once, else None.
+
+    It does when the weight is of ``dtype`` and every factor is too: the exact product of two p-bit
+    significands has at most 2p <= 48 bits, so float64 holds it exactly, and rounding it to ``dtype`` is
+    the correctly rounded product, which is what one IEEE multiplication in ``dtype`` gives (torch
+    multiplies float16 and bfloat16 in float32, where their products are exact too). No float64 copy of
+    the weight is made."""
+    product = t.product if isinstance(t, Lazy) else None
+    if product is None or dtype not in _NARROW:
+        return None
+    stored, factor = product
+    if stored.dtype != dtype or stored.device.type != "cpu" or factor.dtype != F64:
+        return None
+    narrow = factor.to(dtype)
+    if not (bool(torch.isfinite(factor).all()) and torch.equal(narrow.to(F64), factor)):
+        return None
+    return stored * narrow
+
+
+_NARROW = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def cast_tensor(t: Tensorish, dtype: torch.dtype) -> torch.Tensor:

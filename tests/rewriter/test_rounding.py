@@ -3,6 +3,7 @@ with the bits of the float64 fold cast once."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -125,3 +126,35 @@ def test_blocks_read_the_stored_weights_without_writing_them():
     assert [len(block) for block in rows.blocks(block_bytes=2 * 3 * 4)] == [2, 2, 1]
     assert torch.equal(a, before[0]) and torch.equal(b, before[1])
     assert rows.nbytes == 60 and torch.equal(rows.full(), a + b)
+
+
+@settings(max_examples=200, deadline=None)
+@given(weight_pair(), st.sampled_from(["outer", "inner"]), st.booleans())
+def test_a_scaled_weight_rounded_in_its_dtype_has_the_bits_of_the_float64_product(pair, side, exact_factor):
+    """A per-channel scale taken into a weight (``Lazy.product``) is multiplied in the weight's dtype when
+    every factor is of that dtype: the bits must be those of the float64 product cast once. A factor the
+    dtype cannot hold takes the float64 path (the same bits by definition, checked all the same)."""
+    a, b = pair
+    n = a.shape[0]
+    factor = b[0].to(F64)  # values of the dtype, extremes and subnormals included
+    if not exact_factor:
+        factor = factor + torch.linspace(1e-3, 2e-3, n, dtype=F64)
+    factor = torch.where(torch.isfinite(factor), factor, torch.ones_like(factor))
+    x = canonical.linear(a)
+    diagonal = Diagonal(factor, torch.zeros(n, dtype=F64), -1)
+    m = compose_maps(diagonal, x) if side == "outer" else compose_maps(x, diagonal)
+    assert m.weight.product is not None
+    want = value(m.weight).to(a.dtype)
+    for transposed in (False, True):
+        got = rounded(m.weight, a.dtype, transposed)
+        assert got.dtype == a.dtype and torch.equal(_bits(got), _bits(want))
+        assert (got.t() if transposed else got).is_contiguous()
+    assert torch.equal(a, pair[0])  # the stored weight is not written
+
+
+def test_a_scaled_weight_needs_no_float64_copy(monkeypatch):
+    """The point of the product path: a LayerNorm's scale into a float32 linear reads the weight once."""
+    w = torch.randn(64, 32)
+    m = compose_maps(canonical.linear(w), Diagonal(torch.rand(32).to(F64), torch.zeros(32, dtype=F64), -1))
+    monkeypatch.setattr(m.weight, "_compute", lambda: pytest.fail("computed in float64"))
+    assert torch.equal(rounded(m.weight, torch.float32), w * m.weight.product[1].float())
