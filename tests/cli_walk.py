@@ -64,7 +64,7 @@ def feeds(session: ort.InferenceSession, seed: int = 0) -> list[dict[str, np.nda
         for i in session.get_inputs():
             shape = [d if isinstance(d, int) else free for d in i.shape]
             if "int" in i.type:
-                feed[i.name] = rng.integers(0, 100, shape).astype(np.int64)
+                feed[i.name] = rng.integers(0, 64, shape).astype(np.int64)  # token ids below the smallest vocabulary
             else:
                 feed[i.name] = rng.standard_normal(shape).astype(np.float32)
         sets.append(feed)
