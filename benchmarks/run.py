@@ -140,7 +140,10 @@ def remeasure(out: Path, modules: Sequence[str], quick: bool, threads: int, say:
     minutes = (time.perf_counter() - start) / 60
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     names = ", ".join(f"`{m}`" for m in modules)
-    raw["header"].insert(1, f"Section(s) {names} re-measured by `python -m benchmarks.run --section ...` on {stamp} "
+    said = f"Section(s) {names} re-measured by "
+    # an earlier re-measure of exactly these sections dates figures that are no longer shown
+    raw["header"] = [line for line in raw["header"] if not line.startswith(said)]
+    raw["header"].insert(1, f"{said}`python -m benchmarks.run --section ...` on {stamp} "
                             f"({minutes:.1f} min, commit {environment(threads)['git commit']}); the rest is from the run above.")
     _store(out, raw)
     say(f"re-measured {names} in {minutes:.1f} min; wrote {out}")

@@ -160,3 +160,18 @@ def test_fold_time_rows_carry_ratios_and_stages():
     assert _finite_positive(row["free_batch_export_s"]) and _finite_positive(row["fold_unverified_static_s"])
     assert math.isclose(row["unverified_static_ratio"], row["fold_unverified_static_s"] / base)
     assert "fold_time" in run.OTHERS.values()
+
+
+def test_a_re_measured_section_replaces_its_rows_and_its_own_earlier_date(quick, tmp_path, monkeypatch):
+    out, _ = quick
+    copy = tmp_path / "RESULTS.md"
+    (tmp_path / "results.json").write_text(out.with_name("results.json").read_text())
+    rows = iter([[{"case": "first"}], [{"case": "second"}]])
+    monkeypatch.setattr(run, "other_rows", lambda module, quick: next(rows))
+    for _ in range(2):
+        assert run.main(["--out", str(copy), "--section", "fold_time"], log=lambda s: None) == 0
+    raw = json.loads((tmp_path / "results.json").read_text())
+    title = next(t for t, m in run.OTHERS.items() if m == "fold_time")
+    assert raw["others"][title][1] == [{"case": "second"}]
+    assert sum("`fold_time` re-measured" in line for line in raw["header"]) == 1
+    assert "`fold_time` re-measured" in copy.read_text()
