@@ -24,9 +24,11 @@ from branchfold.rewriter.affine import (
     Conv,
     Dense,
     Diagonal,
+    Lookup,
     Tensorish,
     bias_if_any,
     out_channels,
+    reads_indices,
 )
 from branchfold.rewriter.region import NotFolded, Op, Region, SplitSource, WalkResult, find_regions
 from branchfold.rewriter.rounding import cast_tensor
@@ -57,7 +59,7 @@ def graph_ops(ctx: FxContext) -> tuple[list[Op], set[fx.Node]]:
             op = recognize(ctx, node)
             if op.kind != "opaque" and _returns_tuple(node):
                 op = _first_output(op, node, taken)
-            if op.kind == "affine" and not op.split:
+            if op.kind == "affine" and not op.split and not reads_indices(op.map):
                 op = _through_views(op, taken)
             ops.append(op)
     ops = [op for op in ops if op.key not in taken]  # an inner view is seen before the linear takes it
@@ -375,6 +377,10 @@ class Emitter:
             return self._call(F.linear, aten.linear.default, (src, w, self._bias(m, dtype, device)))
         if isinstance(m, Conv):
             return self._conv(m, src, dtype, device)
+        if isinstance(m, Lookup):
+            table = self._param(m.table, dtype, device, "table")
+            args = (table, src) if self.aten else (src, table)
+            return self._call(F.embedding, aten.embedding.default, args)
         return self._diagonal(m, src, dtype, device, like)
 
     def _bias(self, m: Dense | Conv, dtype, device) -> fx.Node | None:

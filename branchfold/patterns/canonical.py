@@ -12,7 +12,7 @@ from collections.abc import Callable, Collection, Sequence
 
 import torch
 
-from branchfold.rewriter.affine import F64, Conv, Dense, Diagonal, Refusal, stored
+from branchfold.rewriter.affine import F64, Conv, Dense, Diagonal, Lookup, Refusal, stored
 from branchfold.rewriter.region import Op
 
 
@@ -35,6 +35,18 @@ def linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Dense:
         raise Refusal("shape", f"linear weight of rank {weight.dim()}")
     b = _f64(bias) if bias is not None else torch.zeros(weight.shape[0], dtype=F64)
     return Dense(stored(weight), b.expand(weight.shape[0]).clone())
+
+
+def lookup(table: torch.Tensor, max_norm: float | None = None) -> Lookup:
+    """``table[idx]`` (torch embedding, ONNX Gather on axis 0 of a constant table).
+
+    ``padding_idx``, ``scale_grad_by_freq`` and ``sparse`` change only gradients: the forward is the plain
+    lookup. ``max_norm`` rescales (and writes) the rows it reads, so such a lookup is not a constant map."""
+    if max_norm is not None:
+        raise Refusal("unsupported-args", "embedding with max_norm renormalizes the rows it reads")
+    if table.dim() != 2 or not table.is_floating_point():
+        raise Refusal("shape", f"lookup table of rank {table.dim()} and dtype {table.dtype}")
+    return Lookup(stored(table))
 
 
 def conv(

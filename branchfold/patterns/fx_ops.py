@@ -30,8 +30,10 @@ _CONST_FUNCS = {
     aten.t.default, aten.permute.default, aten.transpose.int, aten.view.default, aten.reshape.default,
     aten.unsqueeze.default, aten.squeeze.dim, aten.detach.default, aten.clone.default,
     aten._to_copy.default, aten.lift_fresh_copy.default, aten.alias.default, aten.expand.default,
+    aten.numpy_T.default,
     torch.t, torch.transpose, torch.permute, torch.reshape, torch.unsqueeze, torch.squeeze,
 }  # fmt: skip
+_CONST_ATTRS = {"T", "mT"}
 _CONST_METHODS = {"t", "transpose", "permute", "view", "reshape", "unsqueeze", "squeeze", "detach",
                   "clone", "contiguous", "to", "float", "half", "bfloat16", "expand"}  # fmt: skip
 
@@ -77,6 +79,9 @@ class FxContext:
             return self.constants.get(n.name)
         if n.op not in ("call_function", "call_method"):
             return None
+        if n.target is getattr and len(n.args) == 2 and n.args[1] in _CONST_ATTRS:  # ``weight.T`` (PEFT)
+            base = self.const(n.args[0])
+            return None if base is None else getattr(base, n.args[1])
         pure = n.target in _CONST_FUNCS if n.op == "call_function" else n.target in _CONST_METHODS
         if not pure:
             return None
@@ -240,6 +245,11 @@ def _dropout(ctx, node, names):
     return b["input"], canonical.channel_constant(1.0, None)
 
 
+def _embedding(ctx, node, names):
+    b = _bind(node, names, {"max_norm": None})
+    return b["input"], canonical.lookup(_need(ctx, b["weight"], "embedding table"), b["max_norm"])
+
+
 def _identity(ctx, node, names):
     return node.args[0], canonical.channel_constant(1.0, None)
 
@@ -252,6 +262,8 @@ _F_BN = ("input", "running_mean", "running_var", "weight", "bias", "training", "
 _T_BN = ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps")
 _POOL = ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
 _F_DROPOUT = ("input", "p", "training")
+_F_EMBEDDING = ("input", "weight", "padding_idx", "max_norm")
+_ATEN_EMBEDDING = ("weight", "input", "padding_idx", "scale_grad_by_freq", "sparse")
 
 UNARY: dict[Any, tuple[Callable, tuple[str, ...], str]] = {
     F.linear: (_linear, _LINEAR, "linear"),
@@ -271,6 +283,9 @@ UNARY: dict[Any, tuple[Callable, tuple[str, ...], str]] = {
     F.dropout: (_dropout, _F_DROPOUT, "dropout"),
     torch.dropout: (_dropout, _F_DROPOUT, "dropout"),
     aten.dropout.default: (_dropout, _F_DROPOUT, "dropout"),
+    F.embedding: (_embedding, _F_EMBEDDING, "embedding"),
+    torch.embedding: (_embedding, _ATEN_EMBEDDING, "embedding"),
+    aten.embedding.default: (_embedding, _ATEN_EMBEDDING, "embedding"),
     **{f: (_identity, (), "identity") for f in _IDENTITY_FUNCS},
 }
 for _nd in (1, 2, 3):
@@ -511,4 +526,6 @@ def _recognize_module(ctx: FxContext, node: fx.Node) -> Op | None:
         return affine(canonical.channel_constant(1.0, None))
     if isinstance(mod, nn.Identity):
         return affine(canonical.channel_constant(1.0, None))
+    if isinstance(mod, nn.Embedding):
+        return affine(canonical.lookup(mod.weight, mod.max_norm))
     return None

@@ -35,6 +35,7 @@ ONNX_DOMAINS = ("", "ai.onnx")
 
 Dim = int | str | None  # a static size, a symbolic dim's name, or unknown
 FLOAT_TYPES = {ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.BFLOAT16}
+INDEX_TYPES = {ir.DataType.INT32, ir.DataType.INT64}
 
 
 def _attr(node: ir.Node, name: str, default=None):
@@ -499,6 +500,8 @@ def recognize(ctx: OnnxContext, node: ir.Node) -> Op:
     opaque = Op(node, "opaque", inputs, out, label=node.op_type)
     if node.domain not in ONNX_DOMAINS or not node.outputs or not is_float(out):
         return opaque
+    if node.op_type == "Gather":
+        return _gather(ctx, node, out, opaque)
     if not all(is_float(v) for v in inputs if not ctx.is_const(v)):
         return opaque  # integer arithmetic (shape computations) is not ours to fold
     if ctx.is_const(out):
@@ -512,6 +515,24 @@ def recognize(ctx: OnnxContext, node: ir.Node) -> Op:
     if nonlinearity is not None:
         return _kept_whole(ctx, nonlinearity, opaque, op)
     return op or opaque
+
+
+def _gather(ctx: OnnxContext, node: ir.Node, out: ir.Value, opaque: Op) -> Op:
+    """``Gather`` of rows (axis 0) of a constant 2-D float table by computed integer indices: a lookup.
+    ONNX counts negative indices from the end where torch's embedding refuses them; a folded table keeps
+    every row where it was, so both read the same rows."""
+    table, idx = node.inputs[0], _input(node, 1)
+    if int(_attr(node, "axis", 0)) != 0 or idx is None or idx.dtype not in INDEX_TYPES or ctx.is_const(idx):
+        return opaque
+    t = ctx.const_tensor(table)
+    if t is None:
+        return opaque
+    try:
+        m = canonical.lookup(t)
+    except Refusal as r:
+        opaque.refusal = r
+        return opaque
+    return Op(node, "affine", (idx,), out, m, label="embedding")
 
 
 def _kept_whole(ctx: OnnxContext, nl: Nonlinearity, opaque: Op, would_be: Op | None) -> Op:

@@ -31,6 +31,7 @@ from branchfold.rewriter.affine import (
     identity,
     negate,
     out_channels,
+    reads_indices,
 )
 
 OpKind = Literal["affine", "add", "sub", "opaque", "meta"]
@@ -212,7 +213,7 @@ class _Walk:
             self._as_source(x)
             self.exprs[op.output] = Expr(SplitSource(op.key), op.map, (op.key,), own_cost, op.shared)
             return
-        inner = self._operand(x)
+        inner = None if reads_indices(op.map) else self._operand(x)  # a lookup's indices are its source
         if inner is not None:
             try:
                 shared = _sharing(inner.shared, op.shared)
