@@ -294,16 +294,16 @@ class _Walk:
             if len(e.ops) < 2:
                 continue
             after = e.map.macs()
-            if after > e.cost:
+            stores = self._stores_more(e.map, e.ops)
+            if after > e.cost or stores:
                 last = self.defined_by[v]
                 cuts = self._cheapest_cuts(v)
                 boundaries.update(cuts or self.absorbed.get(last.key, ()))
                 if not cuts and not self.absorbed.get(last.key):
                     opaque.add(v)
                 labels = tuple(self._label(k) for k in e.ops)
-                cost_refusals.append(
-                    NotFolded(v, "cost", f"fused map costs {after} MACs per position vs {e.cost}", labels)
-                )
+                detail = stores or f"fused map costs {after} MACs per position vs {e.cost}"
+                cost_refusals.append(NotFolded(v, "cost", detail, labels))
                 continue
             labels = tuple(self._label(k) for k in e.ops)
             parts = tuple(self.by_key[k] for k in e.ops)
@@ -322,6 +322,18 @@ class _Walk:
             if v in self.materialized or not any(set(readers) <= set(self.exprs[e].ops) for e in ends):
                 bad.add(v)
         return bad
+
+    def _stores_more(self, m: AffineMap, keys: Iterable[Hashable]) -> str:
+        """Why a fused lookup is refused although it is cheap per position, or "": its table holds more
+        parameters than the ops it replaces. A lookup copies one row per position whatever the table's
+        length, so its multiply-adds say nothing of its memory: a lone low-rank branch (``embedding(idx, A)
+        @ B``) written as one ``[rows, width]`` table would store ``rows * width`` values for
+        ``rank * (rows + width)``. Summed into the base table beside it, the branch costs nothing."""
+        if not reads_indices(m):
+            return ""
+        before = sum(op.map.params() for op in (self.by_key[k] for k in keys) if op.map is not None)
+        after = m.params()
+        return f"fused table stores {after} parameters vs {before}" if after > before else ""
 
     def _label(self, key: Hashable) -> str:
         return self.by_key[key].label
@@ -372,11 +384,11 @@ class _Walk:
         ops = [self.defined_by[c] for c in chain[i : j + 1]]
         if i == 0:
             e = self.exprs[chain[0]]
-            m, raw, shared, ops = e.map, e.cost, e.shared, ops[1:]
+            m, raw, shared, keys, ops = e.map, e.cost, e.shared, list(e.ops), ops[1:]
             if not ops:
                 return float("inf")  # the first value alone is priced in ``best[0]``
         else:
-            m, raw, shared, ops = ops[0].map, ops[0].map.macs(), ops[0].shared, ops[1:]
+            m, raw, shared, keys, ops = ops[0].map, ops[0].map.macs(), ops[0].shared, [ops[0].key], ops[1:]
             if not ops:
                 return raw
         try:
@@ -384,7 +396,8 @@ class _Walk:
                 shared = _sharing(shared, op.shared)
                 m = compose_maps(op.map, m)
                 raw += op.map.macs()
+                keys.append(op.key)
         except Refusal:
             return float("inf")
         fused = m.macs()
-        return fused if fused <= raw else float("inf")
+        return fused if fused <= raw and not self._stores_more(m, keys) else float("inf")
