@@ -219,9 +219,12 @@ def _first_output(op: Op, node: fx.Node, taken: set[fx.Node]) -> Op:
 
 
 def _stored_tensors(ctx: FxContext, node: fx.Node) -> set[str]:
-    """Names of the stored tensors (or the module) an op reads its constants from."""
+    """Names of the stored tensors (or the module) an op reads its constants from. A weight is also named
+    by its storage, so that one tensor reached under two names (an embedding table tied to a head that
+    reads it as a weight, or through a module and a ``get_attr``) counts as one."""
     if node.op == "call_module":
-        return {f"module:{node.target}"}
+        params = ctx.module(node).parameters(recurse=False)
+        return {f"module:{node.target}"} | {_storage(p) for p in params if _matrix(p)}
     found: set[str] = set()
     stack = [a for a in node.all_input_nodes if ctx.const(a) is not None]
     while stack:
@@ -229,13 +232,15 @@ def _stored_tensors(ctx: FxContext, node: fx.Node) -> set[str]:
         if n.op in ("get_attr", "placeholder") and not _matrix(ctx.const(n)):
             # a vector (bias, scale) folds into each of its readers at no cost: it is this op's own (private)
             found.add(f"vector:{n.target}@{node.name}")
-        elif n.op == "get_attr":
-            found.add(f"attr:{n.target}")
-        elif n.op == "placeholder":
-            found.add(f"input:{n.target}")
+        elif n.op in ("get_attr", "placeholder"):
+            found |= {f"{'attr' if n.op == 'get_attr' else 'input'}:{n.target}", _storage(ctx.const(n))}
         else:
             stack.extend(n.all_input_nodes)
     return found
+
+
+def _storage(t: torch.Tensor) -> str:
+    return f"storage:{t.untyped_storage().data_ptr()}"
 
 
 def _matrix(t: torch.Tensor | None) -> bool:

@@ -138,13 +138,17 @@ def find_regions(ops: Sequence[Op], outputs: Iterable[Hashable], max_rounds: int
     boundaries: set[Hashable] = set()
     opaque: set[Hashable] = set()
     cost_refusals: list[NotFolded] = []
+    shared: dict[Hashable, NotFolded] = {}  # a sum refused for a shared weight stays refused once cut apart
     for rounds in range(1, max_rounds + 1):
         walk = _Walk(ops, by_key, outputs, users, boundaries, opaque)
         walk.run()
         regions, new_boundaries, new_opaque, refused = walk.finish()
         cost_refusals += refused
+        shared.update((n.where, n) for n in walk.not_folded if n.category == "shared-weight")
         if new_boundaries <= boundaries and new_opaque <= opaque:
-            not_folded = walk.not_folded + cost_refusals + _refusals(ops)
+            seen = {n.where for n in walk.not_folded if n.category == "shared-weight"}
+            earlier = [n for w, n in shared.items() if w not in seen]
+            not_folded = walk.not_folded + earlier + cost_refusals + _refusals(ops)
             return WalkResult(regions, not_folded, rounds, by_key, walk.meta_sources())
         boundaries |= new_boundaries
         opaque |= new_opaque
