@@ -209,3 +209,86 @@ def test_folded_adapter_weight_is_the_exact_sum_rounded_once(dtype):
     assert torch.equal(folded, exact.to(dtype))
     fold_err, merge_err = ((t.double() - exact).abs().max() for t in (folded, merged))
     assert fold_err <= merge_err
+
+
+EMBEDDINGS = {"bert": "word_embeddings", "llama": "embed_tokens"}
+
+
+def with_embedding_lora(name: str) -> nn.Module:
+    """LoRA on the word embeddings beside the subset of linears (``lora_embedding_A/B``: a lookup then a matmul)."""
+    build, targets = BUILD[name]
+    torch.manual_seed(0)
+    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, init_lora_weights=False,
+                             target_modules=[*targets, EMBEDDINGS[name]])  # fmt: skip
+    return peft.get_peft_model(randomized(build()).eval(), config).eval()
+
+
+def lookups(gm) -> int:
+    return sum("embedding" in str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+
+
+@pytest.mark.parametrize("name", sorted(BUILD))
+def test_lora_on_the_word_embeddings_folds_into_one_table(name):
+    model = with_embedding_lora(name)
+    merged = copy.deepcopy(model).merge_and_unload().eval()
+    r = branchfold.fold_with_report(Hidden(model).eval(), (ids(),), horizontal="off")
+    m = branchfold.fold_with_report(Hidden(merged).eval(), (ids(),), horizontal="off")
+    rep = r.report
+    assert rep.verified and rep.max_error <= 1e-5
+    (table,) = [f for f in rep.folded if f.ops.count("embedding") == 2]
+    assert table.ops.count("add") == 1 and table.ops.count("linear") == 1  # the base lookup, A's lookup, B
+    assert lookups(r.model) == lookups(m.model) and linears(r.model) == linears(m.model)
+    assert (rep.after.ops, rep.after.params) == (m.report.after.ops, m.report.after.params)
+    x = torch.randint(0, 64, (3, 5), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert rel_err(Hidden(model)(x), r.model(x)) <= 1e-5
+        assert rel_err(Hidden(merged)(x), r.model(x)) <= 1e-5
+
+
+def onnx_file(model: nn.Module, dynamo: bool, tmp_path, tag: str) -> str:
+    import warnings
+
+    path = tmp_path / f"{tag}.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Hidden(model).eval(), (ids(),), str(path), dynamo=dynamo, input_names=["ids"],
+                          **({} if dynamo else {"opset_version": 17}))  # fmt: skip
+    return str(path)
+
+
+def op_types(model) -> dict[str, int]:
+    import collections
+
+    import onnx_ir as ir
+
+    proto = ir.to_proto(model) if isinstance(model, ir.Model) else model
+    return collections.Counter(n.op_type for n in proto.graph.node)
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["legacy", "dynamo"])
+@pytest.mark.parametrize("name", sorted(BUILD))
+def test_onnx_export_with_embedding_lora_folds_to_the_merged_exports_ops(name, dynamo, tmp_path):
+    """Both exporters write the adapter as ``Gather`` of A's table, ``MatMul`` by B, ``Mul`` and ``Add``: it
+    folds into one ``Gather`` of one table, as the merged export has."""
+    onnx = pytest.importorskip("onnx")
+    model = with_embedding_lora(name)
+    merged = copy.deepcopy(model).merge_and_unload().eval()
+    path, reference = onnx_file(model, dynamo, tmp_path, "adapted"), onnx_file(merged, dynamo, tmp_path, "merged")
+    folded = str(tmp_path / "folded.onnx")
+    r = branchfold.fold_with_report(path, output=folded)  # as the command line writes it
+    m = branchfold.fold_with_report(reference)
+    assert r.report.verified and r.report.max_error <= 1e-5 and r.report.written
+    assert any(f.ops.count("embedding") == 2 for f in r.report.folded)
+    before, after, want = op_types(onnx.load(path)), op_types(r.model), op_types(m.model)
+    assert before["Gather"] > after["Gather"] == want["Gather"]
+    assert after["MatMul"] + after["Gemm"] == want["MatMul"] + want["Gemm"]
+    assert r.report.after.params == m.report.after.params
+    x = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(2)).numpy()  # the exported shape
+    assert rel_err(torch.from_numpy(run_onnx(reference, x)), torch.from_numpy(run_onnx(folded, x))) <= 1e-5
+
+
+def run_onnx(path: str, x):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
