@@ -292,3 +292,45 @@ def run_onnx(path: str, x):
 
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+@pytest.mark.parametrize("combination", ["linear", "cat", "svd"])
+def test_a_weighted_combination_of_adapters_folds_like_its_merge(combination):
+    """``add_weighted_adapter`` writes a new LoRA pair (stacked ranks for ``cat``, an SVD for ``svd``): one
+    more low-rank branch, which folds into the base linear as any other."""
+    model = adapted("bert", dora=False, subset=True)
+    model.add_adapter("second", peft.LoraConfig(r=4, lora_alpha=8, target_modules=BUILD["bert"][1],
+                                                init_lora_weights=False))  # fmt: skip
+    model.add_weighted_adapter(["default", "second"], [0.6, 0.3], "combo", combination_type=combination)
+    model.set_adapter("combo")
+    model.eval()
+    r = branchfold.fold_with_report(Hidden(model).eval(), (ids(),), horizontal="off")
+    merged = copy.deepcopy(model).merge_and_unload(adapter_names=["combo"]).eval()
+    m = branchfold.fold_with_report(Hidden(merged).eval(), (ids(),), horizontal="off")
+    assert r.report.verified and r.report.max_error <= 1e-5
+    assert len([f for f in r.report.folded if f.ops.count("linear") >= 3]) == adapter_layers(model)
+    assert linears(r.model) == linears(m.model) and r.report.after.params == m.report.after.params
+    x = torch.randint(0, 64, (3, 5), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert rel_err(Hidden(merged)(x), r.model(x)) <= 1e-5
+
+
+@pytest.mark.parametrize("dropout", [0.1, 0.0])
+def test_adapters_in_training_mode(dropout):
+    """In training mode LoRA's dropout is random: the adapters stay, each with its reason. Without dropout
+    (PEFT writes ``nn.Identity``) the forward is the same affine map and folds; the report says the model
+    was in training mode either way."""
+    build, targets = BUILD["bert"]
+    torch.manual_seed(0)
+    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, init_lora_weights=False, target_modules=targets)
+    model = peft.get_peft_model(randomized(build()), config).train()
+    r = branchfold.fold_with_report(Hidden(model).train(), (ids(),), horizontal="off")
+    rep = r.report
+    assert rep.verified and any("training mode" in note for note in rep.notes)
+    adapter_sums = [f for f in rep.folded if f.ops.count("linear") >= 3]
+    if dropout:
+        assert adapter_sums == [] and rep.skipped_by_reason()["training-mode"] >= adapter_layers(model)
+        # nothing merged: the base linears, every A and every B stay apart
+        assert linears(r.model) == sum(isinstance(m, nn.Linear) for m in model.modules())
+    else:
+        assert len(adapter_sums) == adapter_layers(model)
