@@ -49,6 +49,23 @@ def lookup(table: torch.Tensor, max_norm: float | None = None) -> Lookup:
     return Lookup(stored(table))
 
 
+def quantized(what: str) -> Refusal:
+    """The refusal for a weight stored quantized (integers, dequantized by the graph on every call): folding it
+    would be exact, but the folded weight would be stored in floating point, 4x the memory of int8 and none of
+    the quantized kernels' speed, which is what the quantization was for."""
+    return Refusal("quantized", f"{what} is stored quantized; a folded float weight would undo the quantization")
+
+
+def dequantizes(source_bits: int | None, quantized_type: bool, float_result: bool, shape: Sequence[int] | None) -> bool:
+    """Whether a cast of stored data to floating point is the dequantization of a quantized weight: the data
+    are a matrix (two axes longer than one) of a quantized type, or of integers narrower than 64 bits (int8,
+    uint8, int4 packed in int32). 64-bit integers are indices and positions, and a vector is a bias or a scale:
+    casting those is arithmetic on constants like any other."""
+    if not float_result or shape is None or sum(int(d) > 1 for d in shape) < 2:
+        return False
+    return quantized_type or (source_bits is not None and 1 < source_bits < 64)
+
+
 def conv(
     weight: torch.Tensor,
     bias: torch.Tensor | None,

@@ -49,6 +49,8 @@ _IDENTITY_METHODS = {"contiguous", "clone", "detach"}
 _CAST_FUNCS = {aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten._to_copy.default, torch.Tensor.to,
                torch.Tensor.float, torch.Tensor.half, torch.Tensor.bfloat16, torch.Tensor.type_as}  # fmt: skip
 _CAST_METHODS = {"to", "float", "half", "bfloat16", "double", "type_as"}
+_DEQUANTIZE = {aten.dequantize.self, torch.dequantize}
+_DEQUANTIZE_METHODS = {"dequantize"}
 
 
 @dataclass
@@ -79,6 +81,8 @@ class FxContext:
             return self.constants.get(n.name)
         if n.op not in ("call_function", "call_method"):
             return None
+        if self.dequantizes(n):
+            return None  # a quantized weight stays as stored: see ``canonical.quantized``
         if n.target is getattr and len(n.args) == 2 and n.args[1] in _CONST_ATTRS:  # ``weight.T`` (PEFT)
             base = self.const(n.args[0])
             return None if base is None else getattr(base, n.args[1])
@@ -94,6 +98,34 @@ class FxContext:
                 return n.target(*args, **kwargs)
             return getattr(args[0], n.target)(*args[1:], **kwargs)
 
+    def dequantized(self, a: Any) -> bool:
+        """Whether the weight ``a`` is computed from a quantized weight that the graph dequantizes (an int8
+        matrix cast to float, then scaled): weight-only, but not ours to turn into a stored float weight."""
+        stack, seen = [a], set()
+        while stack:
+            n = stack.pop()
+            if not isinstance(n, fx.Node) or n in seen or n.op not in ("call_function", "call_method"):
+                continue
+            seen.add(n)
+            if self.dequantizes(n):
+                return True
+            stack.extend(n.all_input_nodes)
+        return False
+
+    def dequantizes(self, n: fx.Node) -> bool:
+        """``n`` casts a stored integer (or quantized) matrix to floating point (``canonical.dequantizes``)."""
+        casts = _CAST_FUNCS | _DEQUANTIZE if n.op == "call_function" else _CAST_METHODS | _DEQUANTIZE_METHODS
+        x = n.args[0] if n.args else None
+        if n.target not in casts or not isinstance(x, fx.Node):
+            return False
+        source = self.const(x)
+        if source is None or source.is_floating_point() or source.dtype == torch.bool:
+            return False
+        after = dtype_of(n)
+        to_float = after.is_floating_point if after is not None else _names_a_float(n)
+        bits = None if source.is_quantized else source.element_size() * 8
+        return canonical.dequantizes(bits, source.is_quantized, to_float, tuple(source.shape))
+
     def _written(self) -> set[fx.Node]:
         """Stored tensors and inputs that some op of the graph writes (or writes a view of)."""
         if self._writes is None:
@@ -105,6 +137,16 @@ class FxContext:
 
     def module(self, n: fx.Node) -> nn.Module:
         return self.gm.get_submodule(n.target)
+
+
+def _names_a_float(n: fx.Node) -> bool:
+    """Where no dtype was recorded: a cast that names a floating dtype, or the dtype of another tensor."""
+    if n.op == "call_method" and n.target in ("float", "half", "bfloat16", "double"):
+        return True
+    if n.target in _DEQUANTIZE or n.target in _DEQUANTIZE_METHODS:
+        return True
+    args = (*n.args[1:], *n.kwargs.values())
+    return any((isinstance(a, torch.dtype) and a.is_floating_point) or _dtype_query(a) for a in args)
 
 
 def _get_attr(root: nn.Module, target: str) -> Any:
@@ -178,6 +220,8 @@ def _need(ctx: FxContext, a: Any, what: str, optional: bool = False) -> torch.Te
     if a is None and optional:
         return None
     t = a if isinstance(a, torch.Tensor) else ctx.const(a)
+    if t is None and ctx.dequantized(a):
+        raise canonical.quantized(what)
     if t is None:
         raise Refusal("non-constant", f"{what} is computed at run time, not a constant")
     return t
@@ -297,6 +341,8 @@ for _nd in (1, 2, 3):
         UNARY[getattr(compat.NN_BINDINGS, f"avg_pool{_nd}d")] = (_avg_pool, _POOL, "avg_pool")
 UNARY[aten.convolution.default] = (_conv, _ATEN_CONVOLUTION, "conv")
 UNARY[torch.avg_pool1d] = (_avg_pool, _POOL, "avg_pool")
+
+_QUANTIZED_MODULES = ("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized", "torch.nn.quantized")
 
 _LAYER_NORM = {F.layer_norm, aten.layer_norm.default, aten.native_layer_norm.default}  # native: a tuple
 
@@ -499,6 +545,8 @@ def _recognize_module(ctx: FxContext, node: fx.Node) -> Op | None:
     mod = ctx.module(node)
     x = node.args[0] if node.args else None
     label = type(mod).__name__
+    if type(mod).__module__.startswith(_QUANTIZED_MODULES):
+        raise canonical.quantized(f"{label}'s weight")  # torch.ao's quantized Linear / Conv: opaque kernels
 
     def affine(m):
         return Op(node, "affine", (x,), node, m, label=label)

@@ -61,11 +61,20 @@ def _folded(v: ir.Value | None) -> FoldedTensor | None:
     return v.const_value if isinstance(v.const_value, FoldedTensor) else None
 
 
+def _dequantizes(source: np.ndarray, to_float: bool) -> bool:
+    """A cast of a stored integer matrix to floating point: a quantized weight (``canonical.dequantizes``)."""
+    integer = np.issubdtype(source.dtype, np.integer)
+    return integer and canonical.dequantizes(source.dtype.itemsize * 8, False, to_float, source.shape)
+
+
 def _cast(node: ir.Node, args: list[np.ndarray]) -> np.ndarray | None:
-    """``Cast`` to a float type rounds to that type (float32 → float16 loses bits: fold what it stores)."""
+    """``Cast`` to a float type rounds to that type (float32 → float16 loses bits: fold what it stores). A
+    quantized weight's dequantization is not computed: it stays as stored."""
     to = _attr(node, "to")
     if to not in {int(t) for t in FLOAT_TYPES}:
         return None
+    if _dequantizes(np.asarray(args[0]), True):
+        raise TypeError("a quantized weight's dequantization")
     target = ir.DataType(to)
     if target == ir.DataType.BFLOAT16:
         return np.asarray(args[0], dtype=np.float32).astype(target.numpy()).astype(np.float32)
@@ -271,6 +280,26 @@ class OnnxContext:
             return None, frozenset()
         return value, frozenset().union(*(s for _, s in looked))
 
+    def dequantized(self, v: ir.Value | None) -> bool:
+        """Whether ``v`` is computed from constants through a dequantization (``DequantizeLinear``, or a
+        ``Cast`` of a stored integer matrix to float), with only constant arithmetic after it."""
+        stack, seen = [v], set()
+        while stack:
+            value = stack.pop()
+            node = value.producer() if value is not None else None
+            if node is None or node in seen or node.domain not in ONNX_DOMAINS:
+                continue
+            seen.add(node)
+            if node.op_type == "DequantizeLinear":
+                return True
+            source = self.const(node.inputs[0]) if node.op_type == "Cast" and node.inputs else None
+            to_float = _attr(node, "to") in {int(t) for t in FLOAT_TYPES}
+            if source is not None and _dequantizes(np.asarray(source), to_float):
+                return True
+            if node.op_type in _CONST_OPS:
+                stack.extend(i for i in node.inputs if i is not None)
+        return False
+
     def dims(self, v: ir.Value | None) -> tuple[Dim, ...] | None:
         """The value's shape: ints, symbolic names, or None per unknown dim; None if rank is unknown."""
         if v is None:
@@ -310,6 +339,8 @@ def _need(ctx: OnnxContext, v: ir.Value | None, what: str, optional: bool = Fals
     if v is None and optional:
         return None
     t = ctx.const_tensor(v)
+    if t is None and ctx.dequantized(v):
+        raise canonical.quantized(what)
     if t is None:
         raise Refusal("non-constant", f"{what} is computed at run time, not a constant")
     return t
@@ -322,6 +353,8 @@ def _input(node: ir.Node, i: int) -> ir.Value | None:
 def _matmul(ctx, node):
     x, w = node.inputs[0], node.inputs[1]
     cw = ctx.const_tensor(w)
+    if cw is None and not ctx.is_const(x) and ctx.dequantized(w):
+        raise canonical.quantized("MatMul weight")
     if cw is None or ctx.is_const(x):
         return None
     if cw.dim() != 2:
