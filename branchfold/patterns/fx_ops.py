@@ -51,6 +51,7 @@ _CAST_FUNCS = {aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten._to_cop
 _CAST_METHODS = {"to", "float", "half", "bfloat16", "double", "type_as"}
 _DEQUANTIZE = {aten.dequantize.self, torch.dequantize}
 _DEQUANTIZE_METHODS = {"dequantize"}
+_DEQUANTIZE_REACH = 32  # ops read upstream of a computed weight to find its dequantization
 
 
 @dataclass
@@ -100,9 +101,10 @@ class FxContext:
 
     def dequantized(self, a: Any) -> bool:
         """Whether the weight ``a`` is computed from a quantized weight that the graph dequantizes (an int8
-        matrix cast to float, then scaled): weight-only, but not ours to turn into a stored float weight."""
+        matrix cast to float, then scaled): weight-only, but not ours to turn into a stored float weight.
+        Only the few ops next to the weight are read (an unpacking and a dequantization are short)."""
         stack, seen = [a], set()
-        while stack:
+        while stack and len(seen) < _DEQUANTIZE_REACH:
             n = stack.pop()
             if not isinstance(n, fx.Node) or n in seen or n.op not in ("call_function", "call_method"):
                 continue

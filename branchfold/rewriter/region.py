@@ -147,6 +147,7 @@ def find_regions(ops: Sequence[Op], outputs: Iterable[Hashable], max_rounds: int
         shared.update((n.where, n) for n in walk.not_folded if n.category == "shared-weight")
         if new_boundaries <= boundaries and new_opaque <= opaque:
             seen = {n.where for n in walk.not_folded if n.category == "shared-weight"}
+            seen |= {k for r in regions for k in r.ops}  # folded after all, in a later round
             earlier = [n for w, n in shared.items() if w not in seen]
             not_folded = walk.not_folded + earlier + cost_refusals + _refusals(ops)
             return WalkResult(regions, not_folded, rounds, by_key, walk.meta_sources())
