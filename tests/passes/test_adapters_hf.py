@@ -334,3 +334,29 @@ def test_adapters_in_training_mode(dropout):
         assert linears(r.model) == sum(isinstance(m, nn.Linear) for m in model.modules())
     else:
         assert len(adapter_sums) == adapter_layers(model)
+
+
+class OneEmbedding(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(64, 32)
+
+    def forward(self, idx):
+        return torch.relu(self.emb(idx))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_folded_embedding_table_is_the_exact_sum_rounded_once(dtype):
+    base = randomized(OneEmbedding()).eval()
+    config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["emb"], init_lora_weights=False)
+    model = peft.get_peft_model(base, config).eval().to(dtype)
+    layer = model.base_model.model.emb
+    w, a, b = (t.detach().double() for t in (layer.base_layer.weight, layer.lora_embedding_A["default"],
+                                             layer.lora_embedding_B["default"]))  # fmt: skip
+    exact = w + layer.scaling["default"] * (a.T @ b.T)
+    r = branchfold.fold_with_report(model, (ids(),))
+    (table,) = [p for n, p in r.model.named_parameters() if n.startswith("branchfold_")]
+    merged = copy.deepcopy(model).merge_and_unload().emb.weight
+    assert torch.equal(table, exact.to(dtype))
+    fold_err, merge_err = ((t.double() - exact).abs().max() for t in (table, merged))
+    assert fold_err <= merge_err
