@@ -53,7 +53,7 @@ from torch.utils import _pytree as pytree
 from branchfold import compat
 from branchfold.adapters.fx_store import StoredOnce
 from branchfold.patterns.fx_alias import alias_parents, is_random, written
-from branchfold.patterns.fx_ops import FxContext
+from branchfold.patterns.fx_ops import dequantizes
 
 MAX_GROWTH = 16  # elements stored / elements of the stored tensors read
 SMALL = 1 << 16  # elements a constant may always hold (256 KiB of fp32)
@@ -161,7 +161,6 @@ class _ConstantFolder:
         self.keys: dict[fx.Node, str] = {}  # structural key: equal keys compute equal values
         self.equal = StoredOnce()  # equal values from different computations share one buffer too
         self.result = ConstantFoldResult()
-        self.quantized = FxContext(gm, constants)  # finds the casts that dequantize a stored weight
 
     # -- which nodes are constant ------------------------------------------------------------------
 
@@ -213,7 +212,7 @@ class _ConstantFolder:
                     self.const.add(node)
                     self.keys[node] = f"tensor:{id(t)}"
             elif self._pure(node) and all(n in self.const for n in node.all_input_nodes):
-                if self.quantized.dequantizes(node):
+                if dequantizes(node, self._value):
                     self.result.kept.append((node.name, "it dequantizes a quantized weight, which stays as stored"))
                     continue
                 self.const.add(node)

@@ -116,17 +116,7 @@ class FxContext:
 
     def dequantizes(self, n: fx.Node) -> bool:
         """``n`` casts a stored integer (or quantized) matrix to floating point (``canonical.dequantizes``)."""
-        casts = _CAST_FUNCS | _DEQUANTIZE if n.op == "call_function" else _CAST_METHODS | _DEQUANTIZE_METHODS
-        x = n.args[0] if n.args else None
-        if n.target not in casts or not isinstance(x, fx.Node):
-            return False
-        source = self.const(x)
-        if source is None or source.is_floating_point() or source.dtype == torch.bool:
-            return False
-        after = dtype_of(n)
-        to_float = after.is_floating_point if after is not None else _names_a_float(n)
-        bits = None if source.is_quantized else source.element_size() * 8
-        return canonical.dequantizes(bits, source.is_quantized, to_float, tuple(source.shape))
+        return dequantizes(n, lambda x: self.const(x))
 
     def _written(self) -> set[fx.Node]:
         """Stored tensors and inputs that some op of the graph writes (or writes a view of)."""
@@ -139,6 +129,25 @@ class FxContext:
 
     def module(self, n: fx.Node) -> nn.Module:
         return self.gm.get_submodule(n.target)
+
+
+def dequantizes(n: fx.Node, const: Callable[[fx.Node], torch.Tensor | None]) -> bool:
+    """``n`` casts a stored integer (or quantized) matrix to floating point (``canonical.dequantizes``);
+    ``const`` gives the constant value of ``n``'s input (None where it is computed from inputs)."""
+    casts = _CAST_FUNCS | _DEQUANTIZE if n.op == "call_function" else _CAST_METHODS | _DEQUANTIZE_METHODS
+    x = n.args[0] if n.args else None
+    if n.op not in ("call_function", "call_method") or n.target not in casts or not isinstance(x, fx.Node):
+        return False
+    recorded = dtype_of(x)
+    if recorded is not None and (recorded.is_floating_point or recorded == torch.bool):
+        return False  # known without computing the input
+    source = const(x)
+    if not isinstance(source, torch.Tensor) or source.is_floating_point() or source.dtype == torch.bool:
+        return False
+    after = dtype_of(n)
+    to_float = after.is_floating_point if after is not None else _names_a_float(n)
+    bits = None if source.is_quantized else source.element_size() * 8
+    return canonical.dequantizes(bits, source.is_quantized, to_float, tuple(source.shape))
 
 
 def _names_a_float(n: fx.Node) -> bool:
