@@ -214,11 +214,12 @@ def test_folded_adapter_weight_is_the_exact_sum_rounded_once(dtype):
 EMBEDDINGS = {"bert": "word_embeddings", "llama": "embed_tokens"}
 
 
-def with_embedding_lora(name: str) -> nn.Module:
-    """LoRA on the word embeddings beside the subset of linears (``lora_embedding_A/B``: a lookup then a matmul)."""
+def with_embedding_lora(name: str, dora: bool = False) -> nn.Module:
+    """LoRA on the word embeddings beside the subset of linears (``lora_embedding_A/B``: a lookup then a matmul;
+    DoRA also scales the sum by its weight-only magnitude ratio)."""
     build, targets = BUILD[name]
     torch.manual_seed(0)
-    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, init_lora_weights=False,
+    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, init_lora_weights=False, use_dora=dora,
                              target_modules=[*targets, EMBEDDINGS[name]])  # fmt: skip
     return peft.get_peft_model(randomized(build()).eval(), config).eval()
 
@@ -227,9 +228,10 @@ def lookups(gm) -> int:
     return sum("embedding" in str(n.target) for n in gm.graph.nodes if n.op == "call_function")
 
 
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 @pytest.mark.parametrize("name", sorted(BUILD))
-def test_lora_on_the_word_embeddings_folds_into_one_table(name):
-    model = with_embedding_lora(name)
+def test_lora_on_the_word_embeddings_folds_into_one_table(name, dora):
+    model = with_embedding_lora(name, dora)
     merged = copy.deepcopy(model).merge_and_unload().eval()
     r = branchfold.fold_with_report(Hidden(model).eval(), (ids(),), horizontal="off")
     m = branchfold.fold_with_report(Hidden(merged).eval(), (ids(),), horizontal="off")
