@@ -36,6 +36,7 @@ ONNX_DOMAINS = ("", "ai.onnx")
 Dim = int | str | None  # a static size, a symbolic dim's name, or unknown
 FLOAT_TYPES = {ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.BFLOAT16}
 INDEX_TYPES = {ir.DataType.INT32, ir.DataType.INT64}
+QUANTIZED_OPS = {"QLinearMatMul", "QLinearConv", "MatMulInteger", "ConvInteger"}
 
 
 def _attr(node: ir.Node, name: str, default=None):
@@ -531,6 +532,9 @@ def recognize(ctx: OnnxContext, node: ir.Node) -> Op:
     inputs = tuple(v for v in node.inputs if v is not None)
     out = node.outputs[0] if node.outputs else None
     opaque = Op(node, "opaque", inputs, out, label=node.op_type)
+    if node.domain in ONNX_DOMAINS and node.op_type in QUANTIZED_OPS:
+        opaque.refusal = canonical.quantized(f"{node.op_type}'s weight")  # integer kernels: left as they are
+        return opaque
     if node.domain not in ONNX_DOMAINS or not node.outputs or not is_float(out):
         return opaque
     if node.op_type == "Gather":

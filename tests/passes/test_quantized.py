@@ -132,3 +132,19 @@ def test_onnx_an_adapter_beside_a_dequantized_weight_stays(dequantize, tmp_path)
     folded = onnx.load(out)
     assert [i.name for i in folded.graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 2]
     assert sum(n.op_type == "MatMul" for n in folded.graph.node) == 3  # base, A, and B with the scale in it
+
+
+def test_onnx_integer_kernels_are_reported(make_onnx):
+    import onnx
+    import onnx_ir as ir
+    from onnx import helper as h
+
+    from branchfold.patterns.onnx_ops import OnnxContext, recognize
+
+    node = h.make_node("MatMulInteger", ["x", "w"], ["y"], name="mm")
+    proto = make_onnx([node], [("x", [2, D])], [("y", [2, D])], {"w": np.ones((D, D), np.int8)})
+    proto.graph.input[0].type.tensor_type.elem_type = onnx.TensorProto.INT8
+    proto.graph.output[0].type.tensor_type.elem_type = onnx.TensorProto.INT32
+    graph = ir.from_proto(proto).graph
+    (op,) = [recognize(OnnxContext(graph), n) for n in graph]
+    assert op.kind == "opaque" and op.refusal.category == "quantized"
