@@ -562,14 +562,11 @@ def _gather(ctx: OnnxContext, node: ir.Node, out: ir.Value, opaque: Op) -> Op:
     if int(_attr(node, "axis", 0)) != 0 or idx is None or idx.dtype not in INDEX_TYPES or ctx.is_const(idx):
         return opaque
     t = ctx.const_tensor(table)
-    if t is None:
-        return opaque
-    try:
-        m = canonical.lookup(t)
-    except Refusal as r:
-        opaque.refusal = r
-        return opaque
-    return Op(node, "affine", (idx,), out, m, label="embedding")
+    if t is None and ctx.dequantized(table):
+        opaque.refusal = canonical.quantized("Gather table")
+    if t is None or t.dim() != 2:
+        return opaque  # a gather from a computed value, or of sub-tensors: not a lookup of rows
+    return Op(node, "affine", (idx,), out, canonical.lookup(t), label="embedding")
 
 
 def _kept_whole(ctx: OnnxContext, nl: Nonlinearity, opaque: Op, would_be: Op | None) -> Op:

@@ -148,3 +148,23 @@ def test_onnx_integer_kernels_are_reported(make_onnx):
     graph = ir.from_proto(proto).graph
     (op,) = [recognize(OnnxContext(graph), n) for n in graph]
     assert op.kind == "opaque" and op.refusal.category == "quantized"
+
+
+def test_onnx_a_gather_of_a_dequantized_table_is_reported(make_onnx):
+    import onnx
+    import onnx_ir as ir
+    from onnx import helper as h
+
+    from branchfold.patterns.onnx_ops import OnnxContext, recognize
+
+    nodes = [h.make_node("DequantizeLinear", ["tq", "scale"], ["table"]), h.make_node("Gather", ["table", "idx"], ["y"])]
+    proto = make_onnx(nodes, [("idx", [2, 3])], [("y", [2, 3, D])],
+                      {"tq": np.ones((10, D), np.int8), "scale": np.float32(0.1)})  # fmt: skip
+    proto.graph.input[0].type.tensor_type.elem_type = onnx.TensorProto.INT64
+    model = ir.from_proto(proto)
+    import onnx_ir.passes.common as common
+
+    common.ShapeInferencePass(strict_mode=False)(model)
+    ctx = OnnxContext(model.graph)
+    gather = [recognize(ctx, n) for n in model.graph][-1]
+    assert gather.kind == "opaque" and gather.refusal.category == "quantized"
