@@ -1,7 +1,8 @@
 """Adapters (LoRA, DoRA): branchfold.fold of a PEFT model against PEFT's own ``merge_and_unload``.
 
 Hugging Face models built from small configs with random weights (no downloads), PEFT adapters with
-``init_lora_weights=False``, eval mode. For each case: op and parameter counts of the adapted model, of its
+``init_lora_weights=False``, eval mode (one case also adapts the word embeddings: a lookup of A's table
+then B, folded into the embedding table). For each case: op and parameter counts of the adapted model, of its
 fold, of the merged model and of the merged model folded; latency of the three (eager torch, timed in the
 same interleaved rounds); and, for fp32 / fp16 / bf16 copies of the adapted model, the relative error of
 its fold and of its merge (then folded the same way, so that both graphs differ only in the adapted weights)
@@ -37,23 +38,24 @@ class Hidden(nn.Module):
         return self.model(input_ids=ids).last_hidden_state
 
 
-def _build(family: str, hidden: int) -> tuple[nn.Module, list[str]]:
+def _build(family: str, hidden: int) -> tuple[nn.Module, list[str], str]:
     import transformers as T
 
     if family == "bert":
         cfg = T.BertConfig(hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
                            intermediate_size=4 * hidden, vocab_size=512)  # fmt: skip
-        return T.BertModel(cfg), ["query", "value"]
+        return T.BertModel(cfg), ["query", "value"], "word_embeddings"
     cfg = T.LlamaConfig(hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
                         intermediate_size=4 * hidden, vocab_size=512)  # fmt: skip
-    return T.LlamaModel(cfg), ["q_proj", "v_proj"]
+    return T.LlamaModel(cfg), ["q_proj", "v_proj"], "embed_tokens"
 
 
-def _adapted(family: str, hidden: int, dora: bool, subset: bool) -> nn.Module:
+def _adapted(family: str, hidden: int, dora: bool, subset: bool, embedding: bool = False) -> nn.Module:
     import peft
 
     torch.manual_seed(0)
-    base, targets = _build(family, hidden)
+    base, targets, table = _build(family, hidden)
+    targets = [*targets, table] if embedding else targets
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in base.named_parameters():  # random biases and norm scales: nothing exact by accident
@@ -68,9 +70,9 @@ def _linears(gm) -> int:
     return sum("linear" in str(n.target) for n in gm.graph.nodes if n.op == "call_function")
 
 
-def _case(family: str, hidden: int, dora: bool, subset: bool, tokens: int) -> dict:
+def _case(family: str, hidden: int, dora: bool, subset: bool, tokens: int, embedding: bool = False) -> dict:
     ids = torch.randint(0, 512, (1, tokens), generator=torch.Generator().manual_seed(1))
-    model = _adapted(family, hidden, dora, subset)
+    model = _adapted(family, hidden, dora, subset, embedding)
     merged = copy.deepcopy(model).merge_and_unload().eval()
     folded = branchfold.fold_with_report(Hidden(model).eval(), (ids,))
     refold = branchfold.fold_with_report(Hidden(merged).eval(), (ids,))
@@ -79,7 +81,8 @@ def _case(family: str, hidden: int, dora: bool, subset: bool, tokens: int) -> di
                          "merged": lambda: Hidden(merged)(ids), "merged+fold": lambda: refold.model(ids)},
                         rounds=ROUNDS)  # fmt: skip
     row = {
-        "case": f"{family}-h{hidden} {'DoRA' if dora else 'LoRA'} {'q,v' if subset else 'all linears'}",
+        "case": (f"{family}-h{hidden} {'DoRA' if dora else 'LoRA'} {'q,v' if subset else 'all linears'}"
+                 f"{' + embeddings' if embedding else ''}"),  # fmt: skip
         "ops adapted/folded/merged": f"{folded.report.before.ops}/{folded.report.after.ops}/{refold.report.after.ops}",
         "linears folded/merged": f"{_linears(folded.model)}/{_linears(refold.model)}",
         "params adapted/folded/merged": (f"{folded.report.before.params}/{folded.report.after.params}/"
@@ -115,13 +118,13 @@ def run(quick: bool = False, threads: int = 1) -> list[dict]:
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     cases = [("bert", 128, False, True), ("bert", 128, True, False), ("llama", 128, False, False),
-             ("llama", 128, True, True)]  # fmt: skip
+             ("llama", 128, True, True), ("llama", 128, False, True, True)]  # fmt: skip
     if quick:
-        cases = [("llama", 32, True, True)]
+        cases = [("llama", 32, True, True), ("llama", 32, False, True, True)]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return [_case(*c, tokens=16 if quick else 64) for c in cases]
+            return [_case(*c[:4], tokens=16 if quick else 64, embedding=c[4] if len(c) > 4 else False) for c in cases]
     finally:
         torch.set_num_threads(previous)
 

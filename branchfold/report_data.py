@@ -15,7 +15,7 @@ import ast
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from branchfold.rewriter.affine import AffineMap, Conv, Dense, Diagonal
+from branchfold.rewriter.affine import AffineMap, Conv, Dense, Diagonal, Lookup
 from branchfold.rewriter.region import Op, SplitSource
 
 LOW_RANK = 4  # a linear at least this many times narrower than its neighbours reads as a LoRA factor
@@ -58,6 +58,8 @@ def describe_map(m: AffineMap | None, label: str = "") -> str:
     """A map as a person names the op: ``Linear 768→768``, ``Conv 3x3 s2 64→128``, ``BN 64``."""
     if isinstance(m, Dense):
         return f"Linear {m.in_features}→{m.out_features}"
+    if isinstance(m, Lookup):
+        return f"Embedding {m.rows}×{m.width}"
     if isinstance(m, Conv):
         return f"{'AvgPool' if label.lower() in ('avg_pool', 'avgpool2d', 'avgpool1d') else 'Conv'} {_kernel(m)}"
     if isinstance(m, Diagonal):

@@ -24,9 +24,11 @@ from branchfold.rewriter.affine import (
     Conv,
     Dense,
     Diagonal,
+    Lookup,
     Tensorish,
     bias_if_any,
     out_channels,
+    reads_indices,
 )
 from branchfold.rewriter.region import NotFolded, Op, Region, SplitSource, WalkResult, find_regions
 from branchfold.rewriter.rounding import cast_tensor
@@ -57,7 +59,7 @@ def graph_ops(ctx: FxContext) -> tuple[list[Op], set[fx.Node]]:
             op = recognize(ctx, node)
             if op.kind != "opaque" and _returns_tuple(node):
                 op = _first_output(op, node, taken)
-            if op.kind == "affine" and not op.split:
+            if op.kind == "affine" and not op.split and not reads_indices(op.map):
                 op = _through_views(op, taken)
             ops.append(op)
     ops = [op for op in ops if op.key not in taken]  # an inner view is seen before the linear takes it
@@ -217,9 +219,12 @@ def _first_output(op: Op, node: fx.Node, taken: set[fx.Node]) -> Op:
 
 
 def _stored_tensors(ctx: FxContext, node: fx.Node) -> set[str]:
-    """Names of the stored tensors (or the module) an op reads its constants from."""
+    """Names of the stored tensors (or the module) an op reads its constants from. A weight is also named
+    by its storage, so that one tensor reached under two names (an embedding table tied to a head that
+    reads it as a weight, or through a module and a ``get_attr``) counts as one."""
     if node.op == "call_module":
-        return {f"module:{node.target}"}
+        params = ctx.module(node).parameters(recurse=False)
+        return {f"module:{node.target}"} | {_storage(p) for p in params if _matrix(p)}
     found: set[str] = set()
     stack = [a for a in node.all_input_nodes if ctx.const(a) is not None]
     while stack:
@@ -227,13 +232,15 @@ def _stored_tensors(ctx: FxContext, node: fx.Node) -> set[str]:
         if n.op in ("get_attr", "placeholder") and not _matrix(ctx.const(n)):
             # a vector (bias, scale) folds into each of its readers at no cost: it is this op's own (private)
             found.add(f"vector:{n.target}@{node.name}")
-        elif n.op == "get_attr":
-            found.add(f"attr:{n.target}")
-        elif n.op == "placeholder":
-            found.add(f"input:{n.target}")
+        elif n.op in ("get_attr", "placeholder"):
+            found |= {f"{'attr' if n.op == 'get_attr' else 'input'}:{n.target}", _storage(ctx.const(n))}
         else:
             stack.extend(n.all_input_nodes)
     return found
+
+
+def _storage(t: torch.Tensor) -> str:
+    return f"storage:{t.untyped_storage().data_ptr()}"
 
 
 def _matrix(t: torch.Tensor | None) -> bool:
@@ -375,6 +382,10 @@ class Emitter:
             return self._call(F.linear, aten.linear.default, (src, w, self._bias(m, dtype, device)))
         if isinstance(m, Conv):
             return self._conv(m, src, dtype, device)
+        if isinstance(m, Lookup):
+            table = self._param(m.table, dtype, device, "table")
+            args = (table, src) if self.aten else (src, table)
+            return self._call(F.embedding, aten.embedding.default, args)
         return self._diagonal(m, src, dtype, device, like)
 
     def _bias(self, m: Dense | Conv, dtype, device) -> fx.Node | None:

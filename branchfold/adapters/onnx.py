@@ -18,7 +18,7 @@ import torch
 
 from branchfold.adapters.onnx_reshapes import UnflattenedOp, read_through_reshapes
 from branchfold.patterns.onnx_ops import OnnxContext, mark_shared, recognize
-from branchfold.rewriter.affine import Conv, Dense, Diagonal, Tensorish, bias_if_any, value
+from branchfold.rewriter.affine import Conv, Dense, Diagonal, Lookup, Tensorish, bias_if_any, value
 from branchfold.rewriter.region import NotFolded, Op, Region, SplitSource, WalkResult, find_regions
 from branchfold.rewriter.rounding import rounded, rounded_rows
 from branchfold.storage.onnx_folded import FoldedTensor
@@ -275,6 +275,9 @@ class Emitter:
             return self._node("Add", [y, self.initializer(bias, dtype, "bias")], like)
         if isinstance(m, Conv):
             return self._conv(m, src, like)
+        if isinstance(m, Lookup):
+            table = self.initializer(m.table, dtype, "table")
+            return self._node("Gather", [table, src], like, [ir.AttrInt64("axis", 0)])
         return self._diagonal(m, src, like)
 
     def _conv(self, m: Conv, src: ir.Value, like: ir.Value) -> ir.Value:

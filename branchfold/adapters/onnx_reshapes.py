@@ -25,7 +25,7 @@ import onnx_ir as ir
 
 from branchfold.patterns import reshapes
 from branchfold.patterns.onnx_ops import ONNX_DOMAINS, OnnxContext
-from branchfold.rewriter.affine import out_channels
+from branchfold.rewriter.affine import out_channels, reads_indices
 from branchfold.rewriter.region import Op
 
 Dims = list[reshapes.Dim]
@@ -51,7 +51,7 @@ def read_through_reshapes(ctx: OnnxContext, ops: Sequence[Op]) -> list[Op]:
     out: list[Op] = []
     taken: set[ir.Node] = set()
     for op in ops:
-        if op.kind == "affine" and not op.split and op.map.axis in (-1, None):
+        if op.kind == "affine" and not op.split and op.map.axis in (-1, None) and not reads_indices(op.map):
             op = _through_reshapes(ctx, op, taken)
         out.append(op)
     return [op for op in out if op.key not in taken]

@@ -26,6 +26,9 @@ What stays in the graph, and why:
   no stored result ever aliases the user's tensors, and ``expand`` to a batch never turns into a
   batch-sized buffer. Views of one weight stay recognisable as that weight, so the branch fold's shared-weight
   check still counts its readers.
+- **Dequantizations**: a cast to floating point of a weight stored quantized (an int8 matrix, see
+  ``canonical.dequantizes``). Computing it once would store the weight in float, undoing the quantization;
+  the branch fold then reports the linear that reads it as ``quantized``.
 - **Results much larger than what they read**: a stored result may hold at most ``max_growth`` times the
   elements of the stored tensors it is computed from (or ``small`` elements, whichever is more). A gather
   of a ``[heads, N]`` bias by a ``[T, T]`` index grows by at most ``heads``; a ``repeat`` to a large batch
@@ -50,6 +53,7 @@ from torch.utils import _pytree as pytree
 from branchfold import compat
 from branchfold.adapters.fx_store import StoredOnce
 from branchfold.patterns.fx_alias import alias_parents, is_random, written
+from branchfold.patterns.fx_ops import dequantizes
 
 MAX_GROWTH = 16  # elements stored / elements of the stored tensors read
 SMALL = 1 << 16  # elements a constant may always hold (256 KiB of fp32)
@@ -208,6 +212,9 @@ class _ConstantFolder:
                     self.const.add(node)
                     self.keys[node] = f"tensor:{id(t)}"
             elif self._pure(node) and all(n in self.const for n in node.all_input_nodes):
+                if dequantizes(node, self._value):
+                    self.result.kept.append((node.name, "it dequantizes a quantized weight, which stays as stored"))
+                    continue
                 self.const.add(node)
                 self.keys[node] = self._key(node)
 

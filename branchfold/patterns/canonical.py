@@ -12,7 +12,7 @@ from collections.abc import Callable, Collection, Sequence
 
 import torch
 
-from branchfold.rewriter.affine import F64, Conv, Dense, Diagonal, Refusal, stored
+from branchfold.rewriter.affine import F64, Conv, Dense, Diagonal, Lookup, Refusal, stored
 from branchfold.rewriter.region import Op
 
 
@@ -35,6 +35,35 @@ def linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Dense:
         raise Refusal("shape", f"linear weight of rank {weight.dim()}")
     b = _f64(bias) if bias is not None else torch.zeros(weight.shape[0], dtype=F64)
     return Dense(stored(weight), b.expand(weight.shape[0]).clone())
+
+
+def lookup(table: torch.Tensor, max_norm: float | None = None) -> Lookup:
+    """``table[idx]`` (torch embedding, ONNX Gather on axis 0 of a constant table).
+
+    ``padding_idx``, ``scale_grad_by_freq`` and ``sparse`` change only gradients: the forward is the plain
+    lookup. ``max_norm`` rescales (and writes) the rows it reads, so such a lookup is not a constant map."""
+    if max_norm is not None:
+        raise Refusal("unsupported-args", "embedding with max_norm renormalizes the rows it reads")
+    if table.dim() != 2 or not table.is_floating_point():
+        raise Refusal("shape", f"lookup table of rank {table.dim()} and dtype {table.dtype}")
+    return Lookup(stored(table))
+
+
+def quantized(what: str) -> Refusal:
+    """The refusal for a weight stored quantized (integers, dequantized by the graph on every call): folding it
+    would be exact, but the folded weight would be stored in floating point, 4x the memory of int8 and none of
+    the quantized kernels' speed, which is what the quantization was for."""
+    return Refusal("quantized", f"{what} is stored quantized; a folded float weight would undo the quantization")
+
+
+def dequantizes(source_bits: int | None, quantized_type: bool, float_result: bool, shape: Sequence[int] | None) -> bool:
+    """Whether a cast of stored data to floating point is the dequantization of a quantized weight: the data
+    are a matrix (two axes longer than one) of a quantized type, or of integers narrower than 64 bits (int8,
+    uint8, int4 packed in int32). 64-bit integers are indices and positions, and a vector is a bias or a scale:
+    casting those is arithmetic on constants like any other."""
+    if not float_result or shape is None or sum(int(d) > 1 for d in shape) < 2:
+        return False
+    return quantized_type or (source_bits is not None and 1 < source_bits < 64)
 
 
 def conv(

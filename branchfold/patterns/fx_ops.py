@@ -30,8 +30,10 @@ _CONST_FUNCS = {
     aten.t.default, aten.permute.default, aten.transpose.int, aten.view.default, aten.reshape.default,
     aten.unsqueeze.default, aten.squeeze.dim, aten.detach.default, aten.clone.default,
     aten._to_copy.default, aten.lift_fresh_copy.default, aten.alias.default, aten.expand.default,
+    aten.numpy_T.default,
     torch.t, torch.transpose, torch.permute, torch.reshape, torch.unsqueeze, torch.squeeze,
 }  # fmt: skip
+_CONST_ATTRS = {"T", "mT"}
 _CONST_METHODS = {"t", "transpose", "permute", "view", "reshape", "unsqueeze", "squeeze", "detach",
                   "clone", "contiguous", "to", "float", "half", "bfloat16", "expand"}  # fmt: skip
 
@@ -47,6 +49,9 @@ _IDENTITY_METHODS = {"contiguous", "clone", "detach"}
 _CAST_FUNCS = {aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten._to_copy.default, torch.Tensor.to,
                torch.Tensor.float, torch.Tensor.half, torch.Tensor.bfloat16, torch.Tensor.type_as}  # fmt: skip
 _CAST_METHODS = {"to", "float", "half", "bfloat16", "double", "type_as"}
+_DEQUANTIZE = {aten.dequantize.self, torch.dequantize}
+_DEQUANTIZE_METHODS = {"dequantize"}
+_DEQUANTIZE_REACH = 32  # ops read upstream of a computed weight to find its dequantization
 
 
 @dataclass
@@ -77,6 +82,11 @@ class FxContext:
             return self.constants.get(n.name)
         if n.op not in ("call_function", "call_method"):
             return None
+        if self.dequantizes(n):
+            return None  # a quantized weight stays as stored: see ``canonical.quantized``
+        if n.target is getattr and len(n.args) == 2 and n.args[1] in _CONST_ATTRS:  # ``weight.T`` (PEFT)
+            base = self.const(n.args[0])
+            return None if base is None else getattr(base, n.args[1])
         pure = n.target in _CONST_FUNCS if n.op == "call_function" else n.target in _CONST_METHODS
         if not pure:
             return None
@@ -89,6 +99,25 @@ class FxContext:
                 return n.target(*args, **kwargs)
             return getattr(args[0], n.target)(*args[1:], **kwargs)
 
+    def dequantized(self, a: Any) -> bool:
+        """Whether the weight ``a`` is computed from a quantized weight that the graph dequantizes (an int8
+        matrix cast to float, then scaled): weight-only, but not ours to turn into a stored float weight.
+        Only the few ops next to the weight are read (an unpacking and a dequantization are short)."""
+        stack, seen = [a], set()
+        while stack and len(seen) < _DEQUANTIZE_REACH:
+            n = stack.pop()
+            if not isinstance(n, fx.Node) or n in seen or n.op not in ("call_function", "call_method"):
+                continue
+            seen.add(n)
+            if self.dequantizes(n):
+                return True
+            stack.extend(n.all_input_nodes)
+        return False
+
+    def dequantizes(self, n: fx.Node) -> bool:
+        """``n`` casts a stored integer (or quantized) matrix to floating point (``canonical.dequantizes``)."""
+        return dequantizes(n, lambda x: self.const(x))
+
     def _written(self) -> set[fx.Node]:
         """Stored tensors and inputs that some op of the graph writes (or writes a view of)."""
         if self._writes is None:
@@ -100,6 +129,35 @@ class FxContext:
 
     def module(self, n: fx.Node) -> nn.Module:
         return self.gm.get_submodule(n.target)
+
+
+def dequantizes(n: fx.Node, const: Callable[[fx.Node], torch.Tensor | None]) -> bool:
+    """``n`` casts a stored integer (or quantized) matrix to floating point (``canonical.dequantizes``);
+    ``const`` gives the constant value of ``n``'s input (None where it is computed from inputs)."""
+    casts = _CAST_FUNCS | _DEQUANTIZE if n.op == "call_function" else _CAST_METHODS | _DEQUANTIZE_METHODS
+    x = n.args[0] if n.args else None
+    if n.op not in ("call_function", "call_method") or n.target not in casts or not isinstance(x, fx.Node):
+        return False
+    recorded = dtype_of(x)
+    if recorded is not None and (recorded.is_floating_point or recorded == torch.bool):
+        return False  # known without computing the input
+    source = const(x)
+    if not isinstance(source, torch.Tensor) or source.is_floating_point() or source.dtype == torch.bool:
+        return False
+    after = dtype_of(n)
+    to_float = after.is_floating_point if after is not None else _names_a_float(n)
+    bits = None if source.is_quantized else source.element_size() * 8
+    return canonical.dequantizes(bits, source.is_quantized, to_float, tuple(source.shape))
+
+
+def _names_a_float(n: fx.Node) -> bool:
+    """Where no dtype was recorded: a cast that names a floating dtype, or the dtype of another tensor."""
+    if n.op == "call_method" and n.target in ("float", "half", "bfloat16", "double"):
+        return True
+    if n.target in _DEQUANTIZE or n.target in _DEQUANTIZE_METHODS:
+        return True
+    args = (*n.args[1:], *n.kwargs.values())
+    return any((isinstance(a, torch.dtype) and a.is_floating_point) or _dtype_query(a) for a in args)
 
 
 def _get_attr(root: nn.Module, target: str) -> Any:
@@ -173,6 +231,8 @@ def _need(ctx: FxContext, a: Any, what: str, optional: bool = False) -> torch.Te
     if a is None and optional:
         return None
     t = a if isinstance(a, torch.Tensor) else ctx.const(a)
+    if t is None and ctx.dequantized(a):
+        raise canonical.quantized(what)
     if t is None:
         raise Refusal("non-constant", f"{what} is computed at run time, not a constant")
     return t
@@ -240,6 +300,11 @@ def _dropout(ctx, node, names):
     return b["input"], canonical.channel_constant(1.0, None)
 
 
+def _embedding(ctx, node, names):
+    b = _bind(node, names, {"max_norm": None})
+    return b["input"], canonical.lookup(_need(ctx, b["weight"], "embedding table"), b["max_norm"])
+
+
 def _identity(ctx, node, names):
     return node.args[0], canonical.channel_constant(1.0, None)
 
@@ -252,6 +317,8 @@ _F_BN = ("input", "running_mean", "running_var", "weight", "bias", "training", "
 _T_BN = ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps")
 _POOL = ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
 _F_DROPOUT = ("input", "p", "training")
+_F_EMBEDDING = ("input", "weight", "padding_idx", "max_norm")
+_ATEN_EMBEDDING = ("weight", "input", "padding_idx", "scale_grad_by_freq", "sparse")
 
 UNARY: dict[Any, tuple[Callable, tuple[str, ...], str]] = {
     F.linear: (_linear, _LINEAR, "linear"),
@@ -271,6 +338,9 @@ UNARY: dict[Any, tuple[Callable, tuple[str, ...], str]] = {
     F.dropout: (_dropout, _F_DROPOUT, "dropout"),
     torch.dropout: (_dropout, _F_DROPOUT, "dropout"),
     aten.dropout.default: (_dropout, _F_DROPOUT, "dropout"),
+    F.embedding: (_embedding, _F_EMBEDDING, "embedding"),
+    torch.embedding: (_embedding, _ATEN_EMBEDDING, "embedding"),
+    aten.embedding.default: (_embedding, _ATEN_EMBEDDING, "embedding"),
     **{f: (_identity, (), "identity") for f in _IDENTITY_FUNCS},
 }
 for _nd in (1, 2, 3):
@@ -282,6 +352,8 @@ for _nd in (1, 2, 3):
         UNARY[getattr(compat.NN_BINDINGS, f"avg_pool{_nd}d")] = (_avg_pool, _POOL, "avg_pool")
 UNARY[aten.convolution.default] = (_conv, _ATEN_CONVOLUTION, "conv")
 UNARY[torch.avg_pool1d] = (_avg_pool, _POOL, "avg_pool")
+
+_QUANTIZED_MODULES = ("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized", "torch.nn.quantized")
 
 _LAYER_NORM = {F.layer_norm, aten.layer_norm.default, aten.native_layer_norm.default}  # native: a tuple
 
@@ -484,6 +556,8 @@ def _recognize_module(ctx: FxContext, node: fx.Node) -> Op | None:
     mod = ctx.module(node)
     x = node.args[0] if node.args else None
     label = type(mod).__name__
+    if type(mod).__module__.startswith(_QUANTIZED_MODULES):
+        raise canonical.quantized(f"{label}'s weight")  # torch.ao's quantized Linear / Conv: opaque kernels
 
     def affine(m):
         return Op(node, "affine", (x,), node, m, label=label)
@@ -511,4 +585,6 @@ def _recognize_module(ctx: FxContext, node: fx.Node) -> Op | None:
         return affine(canonical.channel_constant(1.0, None))
     if isinstance(mod, nn.Identity):
         return affine(canonical.channel_constant(1.0, None))
+    if isinstance(mod, nn.Embedding):
+        return affine(canonical.lookup(mod.weight, mod.max_norm))
     return None

@@ -35,6 +35,8 @@ ONNX_DOMAINS = ("", "ai.onnx")
 
 Dim = int | str | None  # a static size, a symbolic dim's name, or unknown
 FLOAT_TYPES = {ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.BFLOAT16}
+INDEX_TYPES = {ir.DataType.INT32, ir.DataType.INT64}
+QUANTIZED_OPS = {"QLinearMatMul", "QLinearConv", "MatMulInteger", "ConvInteger"}
 
 
 def _attr(node: ir.Node, name: str, default=None):
@@ -60,11 +62,20 @@ def _folded(v: ir.Value | None) -> FoldedTensor | None:
     return v.const_value if isinstance(v.const_value, FoldedTensor) else None
 
 
+def _dequantizes(source: np.ndarray, to_float: bool) -> bool:
+    """A cast of a stored integer matrix to floating point: a quantized weight (``canonical.dequantizes``)."""
+    integer = np.issubdtype(source.dtype, np.integer)
+    return integer and canonical.dequantizes(source.dtype.itemsize * 8, False, to_float, source.shape)
+
+
 def _cast(node: ir.Node, args: list[np.ndarray]) -> np.ndarray | None:
-    """``Cast`` to a float type rounds to that type (float32 → float16 loses bits: fold what it stores)."""
+    """``Cast`` to a float type rounds to that type (float32 → float16 loses bits: fold what it stores). A
+    quantized weight's dequantization is not computed: it stays as stored."""
     to = _attr(node, "to")
     if to not in {int(t) for t in FLOAT_TYPES}:
         return None
+    if _dequantizes(np.asarray(args[0]), True):
+        raise TypeError("a quantized weight's dequantization")
     target = ir.DataType(to)
     if target == ir.DataType.BFLOAT16:
         return np.asarray(args[0], dtype=np.float32).astype(target.numpy()).astype(np.float32)
@@ -270,6 +281,26 @@ class OnnxContext:
             return None, frozenset()
         return value, frozenset().union(*(s for _, s in looked))
 
+    def dequantized(self, v: ir.Value | None) -> bool:
+        """Whether ``v`` is computed from constants through a dequantization (``DequantizeLinear``, or a
+        ``Cast`` of a stored integer matrix to float), with only constant arithmetic after it."""
+        stack, seen = [v], set()
+        while stack:
+            value = stack.pop()
+            node = value.producer() if value is not None else None
+            if node is None or node in seen or node.domain not in ONNX_DOMAINS:
+                continue
+            seen.add(node)
+            if node.op_type == "DequantizeLinear":
+                return True
+            source = self.const(node.inputs[0]) if node.op_type == "Cast" and node.inputs else None
+            to_float = _attr(node, "to") in {int(t) for t in FLOAT_TYPES}
+            if source is not None and _dequantizes(np.asarray(source), to_float):
+                return True
+            if node.op_type in _CONST_OPS:
+                stack.extend(i for i in node.inputs if i is not None)
+        return False
+
     def dims(self, v: ir.Value | None) -> tuple[Dim, ...] | None:
         """The value's shape: ints, symbolic names, or None per unknown dim; None if rank is unknown."""
         if v is None:
@@ -309,6 +340,8 @@ def _need(ctx: OnnxContext, v: ir.Value | None, what: str, optional: bool = Fals
     if v is None and optional:
         return None
     t = ctx.const_tensor(v)
+    if t is None and ctx.dequantized(v):
+        raise canonical.quantized(what)
     if t is None:
         raise Refusal("non-constant", f"{what} is computed at run time, not a constant")
     return t
@@ -321,6 +354,8 @@ def _input(node: ir.Node, i: int) -> ir.Value | None:
 def _matmul(ctx, node):
     x, w = node.inputs[0], node.inputs[1]
     cw = ctx.const_tensor(w)
+    if cw is None and not ctx.is_const(x) and ctx.dequantized(w):
+        raise canonical.quantized("MatMul weight")
     if cw is None or ctx.is_const(x):
         return None
     if cw.dim() != 2:
@@ -497,8 +532,13 @@ def recognize(ctx: OnnxContext, node: ir.Node) -> Op:
     inputs = tuple(v for v in node.inputs if v is not None)
     out = node.outputs[0] if node.outputs else None
     opaque = Op(node, "opaque", inputs, out, label=node.op_type)
+    if node.domain in ONNX_DOMAINS and node.op_type in QUANTIZED_OPS:
+        opaque.refusal = canonical.quantized(f"{node.op_type}'s weight")  # integer kernels: left as they are
+        return opaque
     if node.domain not in ONNX_DOMAINS or not node.outputs or not is_float(out):
         return opaque
+    if node.op_type == "Gather":
+        return _gather(ctx, node, out, opaque)
     if not all(is_float(v) for v in inputs if not ctx.is_const(v)):
         return opaque  # integer arithmetic (shape computations) is not ours to fold
     if ctx.is_const(out):
@@ -512,6 +552,21 @@ def recognize(ctx: OnnxContext, node: ir.Node) -> Op:
     if nonlinearity is not None:
         return _kept_whole(ctx, nonlinearity, opaque, op)
     return op or opaque
+
+
+def _gather(ctx: OnnxContext, node: ir.Node, out: ir.Value, opaque: Op) -> Op:
+    """``Gather`` of rows (axis 0) of a constant 2-D float table by computed integer indices: a lookup.
+    ONNX counts negative indices from the end where torch's embedding refuses them; a folded table keeps
+    every row where it was, so both read the same rows."""
+    table, idx = node.inputs[0], _input(node, 1)
+    if int(_attr(node, "axis", 0)) != 0 or idx is None or idx.dtype not in INDEX_TYPES or ctx.is_const(idx):
+        return opaque
+    t = ctx.const_tensor(table)
+    if t is None and ctx.dequantized(table):
+        opaque.refusal = canonical.quantized("Gather table")
+    if t is None or t.dim() != 2:
+        return opaque  # a gather from a computed value, or of sub-tensors: not a lookup of rows
+    return Op(node, "affine", (idx,), out, canonical.lookup(t), label="embedding")
 
 
 def _kept_whole(ctx: OnnxContext, nl: Nonlinearity, opaque: Op, would_be: Op | None) -> Op:

@@ -14,6 +14,11 @@ A map acts along one *channel axis*, written as a negative index so that it does
 batch rank: a dense map on the last axis (-1), a d-dimensional convolution on axis -(d+1), a
 per-channel scale/shift on whichever axis its constant varies along (or on none: a scalar).
 Maps on different axes never combine.
+
+A table lookup (``Lookup``: an embedding, an ONNX ``Gather`` of a constant table) is the dense map of the
+one-hot encoding of its integer indices: ``table[idx] = onehot(idx) @ table``. Maps applied after it and
+lookups of the same indices summed with it fold into one table, row by row, so a lookup stays a lookup
+(never a dense map of the indices themselves, which are not values to be scaled or summed).
 """
 
 from __future__ import annotations
@@ -227,7 +232,34 @@ class Conv:
         return self.weight.numel() + self.bias.numel()
 
 
-AffineMap = Dense | Conv | Diagonal
+@dataclass(frozen=True)
+class Lookup:
+    """``table[idx]``: row ``idx`` of a constant ``[rows, width]`` table for each integer index.
+
+    As a map it is ``onehot(idx) @ table``; it reads indices, so nothing composes *into* it, and it sums
+    only with another lookup of the same indices. A bias or a per-channel map after it is added to every
+    row, and a dense map after it multiplies the table (``table @ W.T + b``): the result is one lookup."""
+
+    table: Tensorish  # [rows, width]
+    axis: int = field(default=-1, init=False)
+
+    @property
+    def rows(self) -> int:
+        return self.table.shape[0]
+
+    @property
+    def width(self) -> int:
+        return self.table.shape[1]
+
+    def macs(self) -> int:
+        """Per output position one copy per element of a row: the width, never ``rows * width``."""
+        return self.width
+
+    def params(self) -> int:
+        return self.table.numel()
+
+
+AffineMap = Dense | Conv | Diagonal | Lookup
 
 
 def identity() -> Diagonal:
@@ -239,7 +271,14 @@ def out_channels(m: AffineMap) -> int | None:
         return m.out_features
     if isinstance(m, Conv):
         return m.out_channels
+    if isinstance(m, Lookup):
+        return m.width
     return m.channels
+
+
+def reads_indices(m: AffineMap | None) -> bool:
+    """Whether ``m`` is a table lookup: its input is a tensor of indices, never an expression to absorb."""
+    return isinstance(m, Lookup)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -379,6 +418,12 @@ def add_maps(a: AffineMap, b: AffineMap) -> AffineMap:
     """``a(x) + b(x)`` as one map, or Refusal."""
     if not _axes_compatible(a.axis, b.axis):
         raise Refusal("geometry", f"maps on different axes ({a.axis} and {b.axis})")
+    if isinstance(a, Lookup) or isinstance(b, Lookup):
+        if not (isinstance(a, Lookup) and isinstance(b, Lookup)):
+            raise Refusal("geometry", "a table lookup summed with a map of the indices themselves")
+        if a.table.shape != b.table.shape:
+            raise Refusal("shape", f"lookups of tables {tuple(a.table.shape)} and {tuple(b.table.shape)}")
+        return Lookup(_sum(a.table, b.table))
     if isinstance(b, Diagonal) and not isinstance(a, Diagonal):
         a, b = b, a
     if isinstance(a, Diagonal):
@@ -414,6 +459,8 @@ def add_maps(a: AffineMap, b: AffineMap) -> AffineMap:
 def negate(m: AffineMap) -> AffineMap:
     if isinstance(m, Diagonal):
         return Diagonal(-m.scale, -m.shift, m.axis)
+    if isinstance(m, Lookup):
+        return Lookup(_elementwise(m.table, torch.neg))
     return replace(m, weight=_elementwise(m.weight, torch.neg), bias=_elementwise(m.bias, torch.neg))
 
 
@@ -448,6 +495,10 @@ def compose_maps(outer: AffineMap, inner: AffineMap) -> AffineMap:
     """``outer(inner(x))`` as one map, or Refusal."""
     if not _axes_compatible(outer.axis, inner.axis):
         raise Refusal("geometry", f"maps on different axes ({inner.axis} then {outer.axis})")
+    if isinstance(outer, Lookup):
+        raise Refusal("geometry", "a table lookup reads indices, not the values of a map")
+    if isinstance(inner, Lookup):
+        return _compose_after_lookup(outer, inner)
     if isinstance(outer, Diagonal) and isinstance(inner, Diagonal):
         s1, t1, s2, t2 = _diag_broadcast(inner, outer)
         return Diagonal(s2 * s1, s2 * t1 + t2, _common_axis(outer.axis, inner.axis))
@@ -468,6 +519,20 @@ def compose_maps(outer: AffineMap, inner: AffineMap) -> AffineMap:
     if isinstance(outer, Conv) and isinstance(inner, Conv):
         return _compose_convs(outer, inner)
     raise Refusal("geometry", f"cannot chain {type(inner).__name__} into {type(outer).__name__}")
+
+
+def _compose_after_lookup(outer: AffineMap, inner: Lookup) -> Lookup:
+    """A map applied to every looked-up row is that map applied to the table, once."""
+    table = inner.table
+    if isinstance(outer, Diagonal):
+        scale, shift = _diag_vectors(outer, inner.width)
+        return Lookup(_elementwise(table, lambda t: t * scale + shift))
+    if isinstance(outer, Dense):
+        if outer.in_features != inner.width:
+            raise Refusal("shape", "linear after a lookup of another width")
+        shape = (inner.rows, outer.out_features)
+        return Lookup(lazy(shape, lambda: value(table) @ value(outer.weight).t() + value(outer.bias)))
+    raise Refusal("geometry", f"cannot apply {type(outer).__name__} to a table lookup")
 
 
 def _compose_after_diagonal(outer: Dense | Conv, inner: Diagonal) -> AffineMap:

@@ -31,6 +31,7 @@ from branchfold.rewriter.affine import (
     identity,
     negate,
     out_channels,
+    reads_indices,
 )
 
 OpKind = Literal["affine", "add", "sub", "opaque", "meta"]
@@ -137,13 +138,18 @@ def find_regions(ops: Sequence[Op], outputs: Iterable[Hashable], max_rounds: int
     boundaries: set[Hashable] = set()
     opaque: set[Hashable] = set()
     cost_refusals: list[NotFolded] = []
+    shared: dict[Hashable, NotFolded] = {}  # a sum refused for a shared weight stays refused once cut apart
     for rounds in range(1, max_rounds + 1):
         walk = _Walk(ops, by_key, outputs, users, boundaries, opaque)
         walk.run()
         regions, new_boundaries, new_opaque, refused = walk.finish()
         cost_refusals += refused
+        shared.update((n.where, n) for n in walk.not_folded if n.category == "shared-weight")
         if new_boundaries <= boundaries and new_opaque <= opaque:
-            not_folded = walk.not_folded + cost_refusals + _refusals(ops)
+            seen = {n.where for n in walk.not_folded if n.category == "shared-weight"}
+            seen |= {k for r in regions for k in r.ops}  # folded after all, in a later round
+            earlier = [n for w, n in shared.items() if w not in seen]
+            not_folded = walk.not_folded + earlier + cost_refusals + _refusals(ops)
             return WalkResult(regions, not_folded, rounds, by_key, walk.meta_sources())
         boundaries |= new_boundaries
         opaque |= new_opaque
@@ -212,7 +218,7 @@ class _Walk:
             self._as_source(x)
             self.exprs[op.output] = Expr(SplitSource(op.key), op.map, (op.key,), own_cost, op.shared)
             return
-        inner = self._operand(x)
+        inner = None if reads_indices(op.map) else self._operand(x)  # a lookup's indices are its source
         if inner is not None:
             try:
                 shared = _sharing(inner.shared, op.shared)
@@ -293,16 +299,16 @@ class _Walk:
             if len(e.ops) < 2:
                 continue
             after = e.map.macs()
-            if after > e.cost:
+            stores = self._stores_more(e.map, e.ops)
+            if after > e.cost or stores:
                 last = self.defined_by[v]
                 cuts = self._cheapest_cuts(v)
                 boundaries.update(cuts or self.absorbed.get(last.key, ()))
                 if not cuts and not self.absorbed.get(last.key):
                     opaque.add(v)
                 labels = tuple(self._label(k) for k in e.ops)
-                cost_refusals.append(
-                    NotFolded(v, "cost", f"fused map costs {after} MACs per position vs {e.cost}", labels)
-                )
+                detail = stores or f"fused map costs {after} MACs per position vs {e.cost}"
+                cost_refusals.append(NotFolded(v, "cost", detail, labels))
                 continue
             labels = tuple(self._label(k) for k in e.ops)
             parts = tuple(self.by_key[k] for k in e.ops)
@@ -321,6 +327,18 @@ class _Walk:
             if v in self.materialized or not any(set(readers) <= set(self.exprs[e].ops) for e in ends):
                 bad.add(v)
         return bad
+
+    def _stores_more(self, m: AffineMap, keys: Iterable[Hashable]) -> str:
+        """Why a fused lookup is refused although it is cheap per position, or "": its table holds more
+        parameters than the ops it replaces. A lookup copies one row per position whatever the table's
+        length, so its multiply-adds say nothing of its memory: a lone low-rank branch (``embedding(idx, A)
+        @ B``) written as one ``[rows, width]`` table would store ``rows * width`` values for
+        ``rank * (rows + width)``. Summed into the base table beside it, the branch costs nothing."""
+        if not reads_indices(m):
+            return ""
+        before = sum(op.map.params() for op in (self.by_key[k] for k in keys) if op.map is not None)
+        after = m.params()
+        return f"fused table stores {after} parameters vs {before}" if after > before else ""
 
     def _label(self, key: Hashable) -> str:
         return self.by_key[key].label
@@ -371,11 +389,11 @@ class _Walk:
         ops = [self.defined_by[c] for c in chain[i : j + 1]]
         if i == 0:
             e = self.exprs[chain[0]]
-            m, raw, shared, ops = e.map, e.cost, e.shared, ops[1:]
+            m, raw, shared, keys, ops = e.map, e.cost, e.shared, list(e.ops), ops[1:]
             if not ops:
                 return float("inf")  # the first value alone is priced in ``best[0]``
         else:
-            m, raw, shared, ops = ops[0].map, ops[0].map.macs(), ops[0].shared, ops[1:]
+            m, raw, shared, keys, ops = ops[0].map, ops[0].map.macs(), ops[0].shared, [ops[0].key], ops[1:]
             if not ops:
                 return raw
         try:
@@ -383,7 +401,8 @@ class _Walk:
                 shared = _sharing(shared, op.shared)
                 m = compose_maps(op.map, m)
                 raw += op.map.macs()
+                keys.append(op.key)
         except Refusal:
             return float("inf")
         fused = m.macs()
-        return fused if fused <= raw else float("inf")
+        return fused if fused <= raw and not self._stores_more(m, keys) else float("inf")

@@ -295,3 +295,26 @@ def test_random_conv_branch_graphs(make_onnx, branches, identity, stride, opset)
         assert counts(folded)["Conv"] == 1
     else:
         assert 1 <= counts(folded)["Conv"] <= convs_before
+
+
+def test_lookups_of_one_index_tensor_fold_into_one_table_and_a_bare_lookup_stays(make_onnx):
+    """``Gather(T, idx) + (Gather(A, idx) @ B) * s`` is one ``Gather`` of a folded table (LoRA on an embedding,
+    as both torch exporters write it); lookups of different indices summed, and a bare lookup, stay."""
+    t, a, b, u, v = rnd(20, 8), rnd(20, 2), rnd(2, 8), rnd(20, 8), rnd(20, 8)
+    nodes = [helper.make_node("Gather", ["T", "idx"], ["base"]), helper.make_node("Gather", ["A", "idx"], ["low"]),
+             helper.make_node("MatMul", ["low", "B"], ["up"]), helper.make_node("Mul", ["up", "s"], ["scaled"]),
+             helper.make_node("Add", ["base", "scaled"], ["sum"]), helper.make_node("Relu", ["sum"], ["y"]),
+             helper.make_node("Gather", ["V", "idx"], ["mine"]), helper.make_node("Gather", ["U", "jdx"], ["other"]),
+             helper.make_node("Add", ["mine", "other"], ["apart"]), helper.make_node("Relu", ["apart"], ["z"]),
+             helper.make_node("Gather", ["U", "idx"], ["bare"])]  # fmt: skip
+    proto = make_onnx(nodes, [("idx", [3, 4]), ("jdx", [3, 4])], [("y", [3, 4, 8]), ("z", [3, 4, 8]), ("bare", [3, 4, 8])],
+                      {"T": t, "A": a, "B": b, "s": np.float32(0.5), "U": u, "V": v})  # fmt: skip
+    for value in proto.graph.input:
+        value.type.tensor_type.elem_type = onnx.TensorProto.INT64
+    folded, result = fold(proto)
+    (region,) = result.regions
+    assert region.labels.count("embedding") == 2 and region.map.table.shape == (20, 8)
+    assert counts(folded)["Gather"] == 4 and counts(folded)["MatMul"] == 0  # the LoRA pair is in the table
+    feeds = {"idx": R.integers(-20, 20, (3, 4)), "jdx": R.integers(-20, 20, (3, 4))}  # negative: from the end
+    for want, got in zip(_run(proto, feeds), _run(folded, feeds)):
+        assert np.abs(want - got).max() <= 1e-5 * np.abs(want).max()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import DIALECTS, fold_in
+from helpers import DIALECTS, fold_in, rel_err
 from torch import nn
 
 import branchfold
@@ -140,3 +140,75 @@ def test_weight_norm_is_computed_once_and_folds_with_its_sum(recipe):
     assert r.report.verified and r.report.max_error <= 1e-5
     assert sum("linear" in str(n.target) for n in r.model.graph.nodes) == 1
     assert r.report.after.params == D * D + D
+
+
+V = 50
+
+
+class EmbeddingLoRA(nn.Module):
+    """PEFT's LoRA on an embedding, reduced: ``emb(idx, T) + (emb(idx, A.T) @ B.T) * s``, then a head."""
+
+    def __init__(self, max_norm: float | None = None) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(V, D, max_norm=max_norm)
+        self.a, self.b = nn.Parameter(torch.randn(R, V)), nn.Parameter(torch.randn(D, R))
+
+    def forward(self, idx):
+        return torch.relu(self.emb(idx) + (nn.functional.embedding(idx, self.a.T) @ self.b.T) * 2.0)
+
+
+def idx_in(seed: int = 3) -> torch.Tensor:
+    return torch.randint(0, V, (2, 7), generator=torch.Generator().manual_seed(seed))
+
+
+def lookups(gm) -> int:
+    """Embedding calls in any dialect: ``nn.Embedding`` modules, ``F.embedding``, ``aten.embedding``."""
+    modules = sum(n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.Embedding) for n in gm.graph.nodes)
+    return modules + sum(n.op == "call_function" and "embedding" in str(n.target) for n in gm.graph.nodes)
+
+
+@pytest.mark.parametrize("dialect", DIALECTS)
+def test_lora_on_an_embedding_folds_into_one_table(dialect):
+    model = randomized(EmbeddingLoRA()).eval()
+    f = fold_in(dialect, model, (idx_in(),))
+    (r,) = f.regions
+    assert r.labels.count("add") == 1 and r.cost_after == D
+    assert f.ops_after == 2 and lookups(f.gm) == 1  # one lookup of the folded table, and the relu
+    (table,) = [p for n, p in f.gm.named_parameters() if n.startswith("branchfold_")]
+    merged = model.emb.weight + 2.0 * model.a.T @ model.b.T  # what a merge computes, in float32
+    assert table.shape == (V, D) and torch.allclose(table, merged, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        assert rel_err(model(idx_in(7)), f.run(idx_in(7))) <= 1e-6
+
+
+@pytest.mark.parametrize("dialect", ["symbolic_trace", "export"])
+def test_what_cannot_fold_into_a_table_stays(dialect):
+    """A bare embedding, a max_norm lookup (it renormalizes the rows it reads), lookups of different index
+    tensors, a table another op reads too (tied with a head), a lone low-rank branch (a wider table)."""
+
+    class Kept(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bare, self.normed = nn.Embedding(V, D), nn.Embedding(V, D, max_norm=1.0)
+            self.other, self.tied = nn.Embedding(V, D), nn.Embedding(V, D)
+            self.a, self.b = nn.Parameter(torch.randn(R, V)), nn.Parameter(torch.randn(D, R))
+
+        def forward(self, idx, jdx):
+            bare = self.bare(idx)
+            normed = self.normed(idx) + self.bare(idx)
+            apart = self.bare(idx) + self.other(jdx)
+            low_rank = nn.functional.embedding(idx, self.a.T) @ self.b.T
+            tied = self.tied(idx) + low_rank
+            head = nn.functional.linear(torch.relu(tied), self.tied.weight)  # reads the table as a weight
+            return bare, torch.relu(normed), torch.relu(apart), torch.relu(low_rank), head
+
+    model = randomized(Kept()).eval()
+    with torch.no_grad():
+        model.normed.weight.mul_(10)  # rows longer than max_norm: renormalized on lookup
+    f = fold_in(dialect, model, (idx_in(), idx_in(4)), check=False)
+    assert f.regions == []
+    assert {"shared-weight", "cost"} <= f.reasons()
+    # max_norm: refused where the call names it; export writes the renormalization into the table in place
+    assert ("unsupported-args" if dialect == "symbolic_trace" else "non-constant") in f.reasons()
+    with torch.no_grad():
+        assert rel_err(model(idx_in(), idx_in(4)), f.run(idx_in(), idx_in(4))) == 0

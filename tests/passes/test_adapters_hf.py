@@ -209,3 +209,156 @@ def test_folded_adapter_weight_is_the_exact_sum_rounded_once(dtype):
     assert torch.equal(folded, exact.to(dtype))
     fold_err, merge_err = ((t.double() - exact).abs().max() for t in (folded, merged))
     assert fold_err <= merge_err
+
+
+EMBEDDINGS = {"bert": "word_embeddings", "llama": "embed_tokens"}
+
+
+def with_embedding_lora(name: str, dora: bool = False) -> nn.Module:
+    """LoRA on the word embeddings beside the subset of linears (``lora_embedding_A/B``: a lookup then a matmul;
+    DoRA also scales the sum by its weight-only magnitude ratio)."""
+    build, targets = BUILD[name]
+    torch.manual_seed(0)
+    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, init_lora_weights=False, use_dora=dora,
+                             target_modules=[*targets, EMBEDDINGS[name]])  # fmt: skip
+    return peft.get_peft_model(randomized(build()).eval(), config).eval()
+
+
+def lookups(gm) -> int:
+    return sum("embedding" in str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+@pytest.mark.parametrize("name", sorted(BUILD))
+def test_lora_on_the_word_embeddings_folds_into_one_table(name, dora):
+    model = with_embedding_lora(name, dora)
+    merged = copy.deepcopy(model).merge_and_unload().eval()
+    r = branchfold.fold_with_report(Hidden(model).eval(), (ids(),), horizontal="off")
+    m = branchfold.fold_with_report(Hidden(merged).eval(), (ids(),), horizontal="off")
+    rep = r.report
+    assert rep.verified and rep.max_error <= 1e-5
+    (table,) = [f for f in rep.folded if f.ops.count("embedding") == 2]
+    assert table.ops.count("add") == 1 and table.ops.count("linear") == 1  # the base lookup, A's lookup, B
+    assert lookups(r.model) == lookups(m.model) and linears(r.model) == linears(m.model)
+    assert (rep.after.ops, rep.after.params) == (m.report.after.ops, m.report.after.params)
+    x = torch.randint(0, 64, (3, 5), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert rel_err(Hidden(model)(x), r.model(x)) <= 1e-5
+        assert rel_err(Hidden(merged)(x), r.model(x)) <= 1e-5
+
+
+def onnx_file(model: nn.Module, dynamo: bool, tmp_path, tag: str) -> str:
+    import warnings
+
+    path = tmp_path / f"{tag}.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Hidden(model).eval(), (ids(),), str(path), dynamo=dynamo, input_names=["ids"],
+                          **({} if dynamo else {"opset_version": 17}))  # fmt: skip
+    return str(path)
+
+
+def op_types(model) -> dict[str, int]:
+    import collections
+
+    import onnx_ir as ir
+
+    proto = ir.to_proto(model) if isinstance(model, ir.Model) else model
+    return collections.Counter(n.op_type for n in proto.graph.node)
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["legacy", "dynamo"])
+@pytest.mark.parametrize("name", sorted(BUILD))
+def test_onnx_export_with_embedding_lora_folds_to_the_merged_exports_ops(name, dynamo, tmp_path):
+    """Both exporters write the adapter as ``Gather`` of A's table, ``MatMul`` by B, ``Mul`` and ``Add``: it
+    folds into one ``Gather`` of one table, as the merged export has."""
+    onnx = pytest.importorskip("onnx")
+    model = with_embedding_lora(name)
+    merged = copy.deepcopy(model).merge_and_unload().eval()
+    path, reference = onnx_file(model, dynamo, tmp_path, "adapted"), onnx_file(merged, dynamo, tmp_path, "merged")
+    folded = str(tmp_path / "folded.onnx")
+    r = branchfold.fold_with_report(path, output=folded)  # as the command line writes it
+    m = branchfold.fold_with_report(reference)
+    assert r.report.verified and r.report.max_error <= 1e-5 and r.report.written
+    assert any(f.ops.count("embedding") == 2 for f in r.report.folded)
+    before, after, want = op_types(onnx.load(path)), op_types(r.model), op_types(m.model)
+    assert before["Gather"] > after["Gather"] == want["Gather"]
+    assert after["MatMul"] + after["Gemm"] == want["MatMul"] + want["Gemm"]
+    assert r.report.after.params == m.report.after.params
+    x = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(2)).numpy()  # the exported shape
+    assert rel_err(torch.from_numpy(run_onnx(reference, x)), torch.from_numpy(run_onnx(folded, x))) <= 1e-5
+
+
+def run_onnx(path: str, x):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+@pytest.mark.parametrize("combination", ["linear", "cat", "svd"])
+def test_a_weighted_combination_of_adapters_folds_like_its_merge(combination):
+    """``add_weighted_adapter`` writes a new LoRA pair (stacked ranks for ``cat``, an SVD for ``svd``): one
+    more low-rank branch, which folds into the base linear as any other."""
+    model = adapted("bert", dora=False, subset=True)
+    model.add_adapter("second", peft.LoraConfig(r=4, lora_alpha=8, target_modules=BUILD["bert"][1],
+                                                init_lora_weights=False))  # fmt: skip
+    model.add_weighted_adapter(["default", "second"], [0.6, 0.3], "combo", combination_type=combination)
+    model.set_adapter("combo")
+    model.eval()
+    r = branchfold.fold_with_report(Hidden(model).eval(), (ids(),), horizontal="off")
+    merged = copy.deepcopy(model).merge_and_unload(adapter_names=["combo"]).eval()
+    m = branchfold.fold_with_report(Hidden(merged).eval(), (ids(),), horizontal="off")
+    assert r.report.verified and r.report.max_error <= 1e-5
+    assert len([f for f in r.report.folded if f.ops.count("linear") >= 3]) == adapter_layers(model)
+    assert linears(r.model) == linears(m.model) and r.report.after.params == m.report.after.params
+    x = torch.randint(0, 64, (3, 5), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert rel_err(Hidden(merged)(x), r.model(x)) <= 1e-5
+
+
+@pytest.mark.parametrize("dropout", [0.1, 0.0])
+def test_adapters_in_training_mode(dropout):
+    """In training mode LoRA's dropout is random: the adapters stay, each with its reason. Without dropout
+    (PEFT writes ``nn.Identity``) the forward is the same affine map and folds; the report says the model
+    was in training mode either way."""
+    build, targets = BUILD["bert"]
+    torch.manual_seed(0)
+    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, init_lora_weights=False, target_modules=targets)
+    model = peft.get_peft_model(randomized(build()), config).train()
+    r = branchfold.fold_with_report(Hidden(model).train(), (ids(),), horizontal="off")
+    rep = r.report
+    assert rep.verified and any("training mode" in note for note in rep.notes)
+    adapter_sums = [f for f in rep.folded if f.ops.count("linear") >= 3]
+    if dropout:
+        assert adapter_sums == [] and rep.skipped_by_reason()["training-mode"] >= adapter_layers(model)
+        # nothing merged: the base linears, every A and every B stay apart
+        assert linears(r.model) == sum(isinstance(m, nn.Linear) for m in model.modules())
+    else:
+        assert len(adapter_sums) == adapter_layers(model)
+
+
+class OneEmbedding(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(64, 32)
+
+    def forward(self, idx):
+        return torch.relu(self.emb(idx))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_folded_embedding_table_is_the_exact_sum_rounded_once(dtype):
+    base = randomized(OneEmbedding()).eval()
+    config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["emb"], init_lora_weights=False)
+    model = peft.get_peft_model(base, config).eval().to(dtype)
+    layer = model.base_model.model.emb
+    w, a, b = (t.detach().double() for t in (layer.base_layer.weight, layer.lora_embedding_A["default"],
+                                             layer.lora_embedding_B["default"]))  # fmt: skip
+    exact = w + layer.scaling["default"] * (a.T @ b.T)
+    r = branchfold.fold_with_report(model, (ids(),))
+    (table,) = [p for n, p in r.model.named_parameters() if n.startswith("branchfold_")]
+    merged = copy.deepcopy(model).merge_and_unload().emb.weight
+    assert torch.equal(table, exact.to(dtype))
+    fold_err, merge_err = ((t.double() - exact).abs().max() for t in (table, merged))
+    assert fold_err <= merge_err

@@ -1,5 +1,6 @@
 """Property tests: random multi-branch conv / linear blocks (random K, kernels, strides, groups, BN,
-identity, avg-pool and 1x1→KxK branches, random nesting of the sums) fold to exactly what they equal,
+identity, avg-pool and 1x1→KxK branches, random nesting of the sums) and sums of embedding lookups of one
+index tensor (tables, scaled, chained, low-rank) fold to exactly what they equal,
 and to a single op whenever the fused op is not costlier than the branches (the cost rule, recomputed
 here from the drawn spec).
 """
@@ -133,3 +134,32 @@ def test_random_linear_blocks_fold_to_one_linear(block, dialect, seed):
         assert f.count("linear") == 0
         return
     assert len(f.regions) == 1 and f.count("linear") == 1 and f.ops_after == 2
+
+
+@st.composite
+def lookup_block(draw):
+    """Summed branches that each start with a lookup of the same indices: a table, a scaled table, a table then
+    a linear, a low-rank table then a linear (LoRA on an embedding). The first branch is a full table, so the
+    folded table never stores more than the branches did."""
+    rows, d, rank = draw(st.sampled_from([5, 20])), draw(st.sampled_from([4, 8])), 2
+    k = draw(st.integers(2, 5))
+    branches: list[nn.Module] = [nn.Embedding(rows, d)]
+    for _ in range(k - 1):
+        kind = draw(st.sampled_from(["table", "scaled", "chain", "low-rank"]))
+        if kind == "table":
+            branches.append(nn.Embedding(rows, d))
+        elif kind == "scaled":
+            branches.append(nn.Sequential(nn.Embedding(rows, d), Scale(d)))
+        elif kind == "chain":
+            branches.append(nn.Sequential(nn.Embedding(rows, d), nn.Linear(d, d, bias=draw(st.booleans()))))
+        else:
+            branches.append(nn.Sequential(nn.Embedding(rows, rank), nn.Linear(rank, d, bias=False)))
+    return Tree(branches, draw(nesting(k))).eval(), rows
+
+
+@settings(max_examples=20, deadline=None)
+@given(lookup_block(), st.sampled_from(["symbolic_trace", "export"]), st.integers(0, 2**16))
+def test_random_lookup_blocks_fold_to_one_lookup(block, dialect, seed):
+    model, rows = block
+    f = fold_in(dialect, model, (torch.randint(0, rows, (3, 4), generator=torch.Generator().manual_seed(seed)),))
+    assert len(f.regions) == 1 and f.ops_after == 2  # one lookup of the folded table, and the relu

@@ -175,3 +175,24 @@ def test_integer_arithmetic_is_not_folded(make_onnx):
     proto.graph.input[0].type.tensor_type.elem_type = 7  # int64
     _, ops = _ops(proto)
     assert ops["m"].kind == "opaque"
+
+
+def test_gather_of_rows_of_a_constant_table_by_computed_indices_is_a_lookup(make_onnx):
+    from onnx import TensorProto
+
+    from branchfold.rewriter.affine import Lookup
+
+    t = R.standard_normal((10, 4)).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["t", "idx"], ["rows"], name="rows"),
+             helper.make_node("Gather", ["t", "idx"], ["cols"], name="cols", axis=1),
+             helper.make_node("Gather", ["t", "k"], ["fixed"], name="fixed"),
+             helper.make_node("Gather", ["x", "idx"], ["data"], name="data")]  # fmt: skip
+    proto = make_onnx(nodes, [("idx", [2, 3]), ("x", [10, 4])], [(n, None) for n in ("rows", "cols", "fixed", "data")],
+                      {"t": t, "k": np.array([1, -1], np.int64)})  # fmt: skip
+    proto.graph.input[0].type.tensor_type.elem_type = TensorProto.INT64
+    _, ops = _ops(proto)
+    m = ops["rows"].map
+    assert ops["rows"].kind == "affine" and isinstance(m, Lookup) and ops["rows"].inputs[0].name == "idx"
+    torch.testing.assert_close(value(m.table), torch.from_numpy(t).double())
+    # columns, constant indices (a constant), a table computed at run time: not lookups
+    assert [ops[k].kind for k in ("cols", "fixed", "data")] == ["opaque"] * 3

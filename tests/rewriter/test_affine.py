@@ -20,6 +20,7 @@ from branchfold.rewriter.affine import (
     Conv,
     Dense,
     Diagonal,
+    Lookup,
     Refusal,
     add_maps,
     compose_maps,
@@ -32,7 +33,9 @@ MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "c
 
 
 def run_map(m, x: torch.Tensor) -> torch.Tensor:
-    """Apply one affine map to a float64 tensor, with torch's own ops."""
+    """Apply one affine map to a float64 tensor (a lookup: to a tensor of indices), with torch's own ops."""
+    if isinstance(m, Lookup):
+        return F.embedding(x, value(m.table))
     if isinstance(m, Dense):
         return F.linear(x, value(m.weight), value(m.bias))
     if isinstance(m, Conv):
@@ -267,3 +270,64 @@ def test_a_weight_in_its_stored_layout_folds_the_same():
     stored = torch.randn(5, 7)
     m = add_maps(canonical.linear(stored.t()), canonical.linear(stored.t() * 2))
     torch.testing.assert_close(value(m.weight), 3 * stored.t().double())
+
+
+# ----------------------------------------------------------------------------------------------
+# table lookups
+
+
+def test_lookup_sums_and_maps_after_it_are_one_table():
+    """``emb(idx, T1) + B(emb(idx, A)) * s + b`` (LoRA on an embedding) is one lookup of a folded table."""
+    t1, a = canonical.lookup(rand(9, 6, seed=1)), canonical.lookup(rand(9, 2, seed=2))
+    b = canonical.linear(rand(6, 2, seed=3), rand(6, seed=4))
+    s = Diagonal(rand(6, seed=5), rand(6, seed=6), -1)
+    idx = torch.tensor([[0, 8, 3], [3, 3, 1]])
+    branch = compose_maps(s, compose_maps(b, a))
+    folded = add_maps(t1, branch)
+    assert isinstance(folded, Lookup) and folded.table.shape == (9, 6)
+    assert close(run_map(folded, idx), run_map(t1, idx) + run_map(s, run_map(b, run_map(a, idx))))
+    assert close(run_map(add_maps(t1, negate(t1)), idx), torch.zeros(2, 3, 6, dtype=F64))
+    assert folded.macs() == 6 and folded.params() == 54  # a row copied per position; the table is memory
+
+
+def test_lookups_combine_only_with_lookups_and_take_nothing_before_them():
+    t = canonical.lookup(rand(9, 4))
+    for other, category in ((identity(), "geometry"), (canonical.linear(rand(4, 4)), "geometry"),
+                            (canonical.lookup(rand(8, 4)), "shape")):  # fmt: skip
+        with pytest.raises(Refusal) as r:
+            add_maps(t, other)
+        assert r.value.category == category
+    with pytest.raises(Refusal):
+        compose_maps(t, canonical.linear(rand(4, 4)))  # indices are not the output of a linear map
+    with pytest.raises(Refusal):
+        compose_maps(conv_map(4, 4, (3,)), t)
+    with pytest.raises(Refusal) as r:
+        canonical.lookup(rand(9, 4), max_norm=1.0)
+    assert r.value.category == "unsupported-args"
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.sampled_from(["linear", "scale", "shift", "lookup", "neg"]), min_size=1, max_size=5),
+       st.integers(0, 2**16))  # fmt: skip
+def test_random_lookup_expressions_equal_running_them(steps, seed):
+    """A random sequence of maps after a lookup and sums with other lookups of the same indices."""
+    g = torch.Generator().manual_seed(seed)
+    rows, width = 7, 3
+    idx = torch.randint(0, rows, (2, 5), generator=g)
+    m = canonical.lookup(torch.randn(rows, width, generator=g, dtype=F64))
+    expected = run_map(m, idx)
+    for step in steps:
+        if step == "linear":
+            out = int(torch.randint(1, 5, (), generator=g))
+            op = canonical.linear(torch.randn(out, width, generator=g, dtype=F64), torch.randn(out, generator=g))
+            m, expected, width = compose_maps(op, m), run_map(op, expected), out
+        elif step in ("scale", "shift"):
+            d = Diagonal(torch.randn(width, generator=g, dtype=F64) if step == "scale" else torch.ones(width, dtype=F64),
+                         torch.randn(width, generator=g, dtype=F64), -1)  # fmt: skip
+            m, expected = compose_maps(d, m), run_map(d, expected)
+        elif step == "lookup":
+            other = canonical.lookup(torch.randn(rows, width, generator=g, dtype=F64))
+            m, expected = add_maps(m, other), expected + run_map(other, idx)
+        else:
+            m, expected = negate(m), -expected
+    assert isinstance(m, Lookup) and close(run_map(m, idx), expected)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from branchfold.rewriter.affine import F64, Conv, Dense, Diagonal, value
+from branchfold.rewriter.affine import F64, Conv, Dense, Diagonal, Lookup, value
 from branchfold.rewriter.region import Op, SplitSource, find_regions
 
 
@@ -233,3 +233,39 @@ def test_fold_keeps_every_conv_bn_pair_of_a_refused_inverted_residual_chain():
         assert "cost" in result.report.skipped_by_reason()
         with torch.no_grad():
             assert torch.allclose(model(x), result.model(x), atol=1e-5, rtol=1e-5)
+
+
+def lookup(seed: int, rows: int = 50, width: int = 8) -> Lookup:
+    return Lookup(torch.randn(rows, width, generator=torch.Generator().manual_seed(seed), dtype=F64))
+
+
+def lora_on_a_lookup(rank: int = 2) -> list[Op]:
+    """``emb(idx, T) + B(emb(idx, A)) * s`` then a nonlinearity: LoRA on an embedding."""
+    return [aff("t", "idx", lookup(1), label="embedding"), aff("a", "idx", lookup(2, width=rank), label="embedding"),
+            aff("b", "a", dense(3, rank, 8)), aff("s", "b", diag(8), label="scale"), add("sum", "t", "s"),
+            opaque("r", "sum")]  # fmt: skip
+
+
+def test_a_low_rank_branch_summed_into_a_lookup_is_one_table():
+    (r,) = find_regions(lora_on_a_lookup(), ["r"]).regions
+    assert r.source == "idx" and isinstance(r.map, Lookup) and r.map.table.shape == (50, 8)
+    assert r.cost_after == 8  # a lookup costs its width per position, not rows x width
+    assert set(r.ops) == {"t", "a", "b", "s", "sum"}
+
+
+def test_a_lone_low_rank_lookup_branch_is_not_widened_into_a_table():
+    """Cheap per position but 50x8 stored values for 50x2 + 2x8: refused; the linear still takes the scale."""
+    ops = [op for op in lora_on_a_lookup() if op.key not in ("t", "sum", "r")] + [opaque("r", "s")]
+    w = find_regions(ops, ["r"])
+    (r,) = w.regions
+    assert set(r.ops) == {"b", "s"} and isinstance(r.map, Dense)
+    assert any(n.category == "cost" and "parameters" in n.detail for n in w.not_folded)
+
+
+def test_a_lookup_never_absorbs_its_indices_and_sums_only_with_lookups_of_them():
+    ops = [aff("i2", "idx", diag(1), label="scale"), aff("t", "i2", lookup(1), label="embedding"),
+           aff("u", "other", lookup(2), label="embedding"), add("sum", "t", "u"), opaque("r", "sum")]  # fmt: skip
+    w = find_regions(ops, ["r"])
+    assert w.regions == []  # idx * c is not a map of the table's rows; different indices do not sum
+    ops = [aff("t", "idx", lookup(1), label="embedding"), opaque("r", "t")]
+    assert find_regions(ops, ["r"]).regions == []  # a bare lookup stays as it is
