@@ -76,15 +76,32 @@ class Expr:
     map: AffineMap
     ops: tuple[Hashable, ...]  # keys of the original ops folded into this expression
     cost: int  # multiply-adds per output position of those ops, as they stand
-    shared: bool | None = None
+    shared: bool | str | None = None  # see ``_sharing``
+    mixes: frozenset = frozenset()  # where shared and private weights first met: the cuts if that is refused
 
 
-def _sharing(a: bool | None, b: bool | None) -> bool | None:
-    """Folding a weight read from several places with a weight of this place alone would un-share it
-    (GroupedMLP: one MLP called from several blocks, each with its own LayerNorm)."""
+MIXED = "mixed"  # ``Expr.shared``: weights read from several places folded with weights of this place alone
+
+
+def _sharing(a: bool | str | None, b: bool | str | None) -> bool | str | None:
+    """Whether the weights of two folded parts are shared with other call sites: all (True), none (False),
+    both kinds (``MIXED``), or None where neither has weights.
+
+    Folding a shared weight with a private one un-shares it: the fold writes a weight for this place
+    alone. ``finish`` allows that only where the written weight fits in the private weights it replaces
+    (a LoRA branch whose zero ``B`` an exporter stored once for every layer, summed into each layer's own
+    base), and refuses it where it would store more (GroupedMLP: one MLP called from several blocks, each
+    with its own LayerNorm, would become one MLP copy per block)."""
     if a is None or b is None or a == b:
         return b if a is None else a
-    raise Refusal("shared-weight", "weight is shared with other call sites; folding would un-share it")
+    return MIXED
+
+
+def _mixes(a: Expr, b_shared: bool | str | None, here: Iterable[Hashable], b_mixes: frozenset = frozenset()):
+    """The mix points of an expression folding ``a`` with a part whose sharing is ``b_shared``: the
+    operands ``here`` where a shared and a private part first meet, plus those each part already had."""
+    first = a.shared in (True, False) and b_shared in (True, False) and a.shared != b_shared
+    return a.mixes | b_mixes | (frozenset(here) if first else frozenset())
 
 
 @dataclass
@@ -229,7 +246,8 @@ class _Walk:
                 self.absorbed[op.key] = [x]
                 self.absorbed_somewhere.add(x)
                 ops = inner.ops + (op.key,)
-                self.exprs[op.output] = Expr(inner.source, fused, ops, inner.cost + own_cost, shared)
+                mixes = _mixes(inner, op.shared, (x,))
+                self.exprs[op.output] = Expr(inner.source, fused, ops, inner.cost + own_cost, shared, mixes)
                 return
         self._as_source(x)
         self.exprs[op.output] = Expr(x, op.map, (op.key,), own_cost, op.shared)
@@ -259,7 +277,9 @@ class _Walk:
                 ops = tuple(dict.fromkeys(ea.ops + eb.ops)) + (op.key,)
                 add_cost = self.own[op.key] = out_channels(fused) or 1  # one add per element
                 twice = sum(self.own[k] for k in set(ea.ops) & set(eb.ops))  # a diamond's common part
-                self.exprs[op.output] = Expr(ea.source, fused, ops, ea.cost + eb.cost - twice + add_cost, shared)
+                mixes = _mixes(ea, eb.shared, (a, b), eb.mixes)
+                cost = ea.cost + eb.cost - twice + add_cost
+                self.exprs[op.output] = Expr(ea.source, fused, ops, cost, shared, mixes)
                 return
         for v in op.inputs:
             self._as_source(v)
@@ -299,6 +319,12 @@ class _Walk:
             if len(e.ops) < 2:
                 continue
             after = e.map.macs()
+            unshares = self._unshares(e)
+            if unshares:
+                boundaries.update(e.mixes)  # where the shared and the private parts met: fold them apart
+                labels = tuple(self._label(k) for k in e.ops)
+                cost_refusals.append(NotFolded(v, "shared-weight", unshares, labels))
+                continue
             stores = self._stores_more(e.map, e.ops)
             if after > e.cost or stores:
                 last = self.defined_by[v]
@@ -327,6 +353,17 @@ class _Walk:
             if v in self.materialized or not any(set(readers) <= set(self.exprs[e].ops) for e in ends):
                 bad.add(v)
         return bad
+
+    def _unshares(self, e: Expr) -> str:
+        """Why a region that folds shared weights with private ones is refused, or "": the weight it
+        writes for this place holds more parameters than the private weights it replaces."""
+        if e.shared != MIXED:
+            return ""
+        private = sum(op.map.params() for op in (self.by_key[k] for k in e.ops) if op.shared is False)
+        if e.map.params() <= private:
+            return ""
+        return (f"weight is shared with other call sites; folding would un-share it "
+                f"({e.map.params()} parameters for this place vs {private} of its own)")  # fmt: skip
 
     def _stores_more(self, m: AffineMap, keys: Iterable[Hashable]) -> str:
         """Why a fused lookup is refused although it is cheap per position, or "": its table holds more
@@ -399,6 +436,8 @@ class _Walk:
         try:
             for op in ops:
                 shared = _sharing(shared, op.shared)
+                if shared == MIXED:
+                    return float("inf")  # a cut never mixes the two kinds (``finish`` judges whole regions)
                 m = compose_maps(op.map, m)
                 raw += op.map.macs()
                 keys.append(op.key)

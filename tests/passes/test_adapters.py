@@ -192,13 +192,14 @@ def test_what_cannot_fold_into_a_table_stays(dialect):
             self.bare, self.normed = nn.Embedding(V, D), nn.Embedding(V, D, max_norm=1.0)
             self.other, self.tied = nn.Embedding(V, D), nn.Embedding(V, D)
             self.a, self.b = nn.Parameter(torch.randn(R, V)), nn.Parameter(torch.randn(D, R))
+            self.c, self.d = nn.Parameter(torch.randn(R, V)), nn.Parameter(torch.randn(D, R))
 
         def forward(self, idx, jdx):
             bare = self.bare(idx)
             normed = self.normed(idx) + self.bare(idx)
             apart = self.bare(idx) + self.other(jdx)
             low_rank = nn.functional.embedding(idx, self.a.T) @ self.b.T
-            tied = self.tied(idx) + low_rank
+            tied = self.tied(idx) + nn.functional.embedding(idx, self.c.T) @ self.d.T
             head = nn.functional.linear(torch.relu(tied), self.tied.weight)  # reads the table as a weight
             return bare, torch.relu(normed), torch.relu(apart), torch.relu(low_rank), head
 

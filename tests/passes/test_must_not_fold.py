@@ -23,7 +23,11 @@ class TwoConvs(nn.Module):
 
 
 @ALL
-def test_shared_module_used_outside_the_region_stays_for_its_other_user(dialect):
+def test_shared_module_folded_with_a_private_one_stays_intact_for_its_other_user(dialect):
+    """A module called twice, summed at one call with a private module: the fold writes a new weight for
+    that call (it fits in the private weight it replaces) and leaves the shared module as it was for its
+    other call."""
+
     class M(nn.Module):
         def __init__(self):
             super().__init__()
@@ -36,8 +40,33 @@ def test_shared_module_used_outside_the_region_stays_for_its_other_user(dialect)
     m = M().eval()
     snap = snapshot(m)
     f = fold_in(dialect, m, (torch.randn(3, 6),))
+    assert len(f.regions) == 1 and "shared-weight" not in f.reasons()
+    assert f.count("linear") == 2  # the folded sum, and the shared module's other call
+    assert unchanged(m, snap)  # and ``fold_in`` checked the folded graph against the model
+
+
+@ALL
+def test_shared_module_is_not_copied_into_a_private_chain(dialect):
+    """A module called from two places, each after its own LayerNorm: folding either norm into it would
+    write a copy of its weight per call site (GroupedMLP's memory, multiplied)."""
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.n1, self.n2, self.shared = nn.LayerNorm(6), nn.LayerNorm(6), nn.Linear(6, 6)
+
+        def forward(self, x):
+            return torch.relu(self.shared(self.n1(x))) + torch.tanh(self.shared(self.n2(x)))
+
+    m = M().eval()
+    with torch.no_grad():
+        for n in (m.n1, m.n2):
+            n.weight.normal_(1.0, 0.2)
+            n.bias.normal_(0.0, 0.2)
+    snap = snapshot(m)
+    f = fold_in(dialect, m, (torch.randn(3, 6),))
     assert f.regions == [] and "shared-weight" in f.reasons()
-    assert f.count("linear") == 3
+    assert f.count("linear") == 2
     assert unchanged(m, snap)
 
 

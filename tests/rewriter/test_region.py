@@ -269,3 +269,20 @@ def test_a_lookup_never_absorbs_its_indices_and_sums_only_with_lookups_of_them()
     assert w.regions == []  # idx * c is not a map of the table's rows; different indices do not sum
     ops = [aff("t", "idx", lookup(1), label="embedding"), opaque("r", "t")]
     assert find_regions(ops, ["r"]).regions == []  # a bare lookup stays as it is
+
+
+def test_shared_weight_folds_with_private_ones_where_the_written_weight_fits_in_them():
+    """An exporter that stores equal tensors once (PEFT's zero LoRA ``B`` of every layer) makes a private
+    adapter branch read a shared weight: the sum with the layer's own base writes one weight that fits in
+    the private ones it replaces, so it folds; a shared weight after a private norm would be copied per
+    place (GroupedMLP), so it stays."""
+    ops = [aff("base", "x", dense(1), shared=False), aff("a", "x", dense(2), shared=False),
+           aff("b", "a", dense(3), shared=True), add("s", "base", "b"), opaque("t", "s")]  # fmt: skip
+    w = find_regions(ops, ["t"])
+    assert [r.value for r in w.regions] == ["s"] and "shared-weight" not in {n.category for n in w.not_folded}
+    ops = [aff("ln", "x", diag(), split=True, label="layer_norm", shared=False),
+           aff("w", "ln", dense(1), shared=True), aff("v", "x", dense(2), shared=False), add("s", "w", "v"),
+           opaque("t", "s")]  # fmt: skip
+    w = find_regions(ops, ["t"])
+    assert [r.value for r in w.regions] == [] or all("ln" not in r.ops for r in w.regions)
+    assert "shared-weight" in {n.category for n in w.not_folded}
