@@ -154,19 +154,14 @@ def find_regions(ops: Sequence[Op], outputs: Iterable[Hashable], max_rounds: int
     by_key = {op.key: op for op in ops}
     boundaries: set[Hashable] = set()
     opaque: set[Hashable] = set()
-    cost_refusals: list[NotFolded] = []
-    shared: dict[Hashable, NotFolded] = {}  # a sum refused for a shared weight stays refused once cut apart
+    refusals: list[NotFolded] = []  # regions refused as a whole (cost, shared-weight): kept across rounds
     for rounds in range(1, max_rounds + 1):
         walk = _Walk(ops, by_key, outputs, users, boundaries, opaque)
         walk.run()
         regions, new_boundaries, new_opaque, refused = walk.finish()
-        cost_refusals += refused
-        shared.update((n.where, n) for n in walk.not_folded if n.category == "shared-weight")
+        refusals += refused
         if new_boundaries <= boundaries and new_opaque <= opaque:
-            seen = {n.where for n in walk.not_folded if n.category == "shared-weight"}
-            seen |= {k for r in regions for k in r.ops}  # folded after all, in a later round
-            earlier = [n for w, n in shared.items() if w not in seen]
-            not_folded = walk.not_folded + earlier + cost_refusals + _refusals(ops)
+            not_folded = walk.not_folded + refusals + _refusals(ops)
             return WalkResult(regions, not_folded, rounds, by_key, walk.meta_sources())
         boundaries |= new_boundaries
         opaque |= new_opaque
@@ -305,7 +300,7 @@ class _Walk:
         regions: list[Region] = []
         boundaries: set[Hashable] = set()
         opaque: set[Hashable] = set()
-        cost_refusals: list[NotFolded] = []
+        refusals: list[NotFolded] = []
         ends = [v for v in self.exprs if v in self.materialized or v in self.outputs]
         unshared = self._split_diamonds(ends)
         boundaries |= unshared
@@ -323,7 +318,7 @@ class _Walk:
             if unshares:
                 boundaries.update(e.mixes)  # where the shared and the private parts met: fold them apart
                 labels = tuple(self._label(k) for k in e.ops)
-                cost_refusals.append(NotFolded(v, "shared-weight", unshares, labels))
+                refusals.append(NotFolded(v, "shared-weight", unshares, labels))
                 continue
             stores = self._stores_more(e.map, e.ops)
             if after > e.cost or stores:
@@ -334,12 +329,12 @@ class _Walk:
                     opaque.add(v)
                 labels = tuple(self._label(k) for k in e.ops)
                 detail = stores or f"fused map costs {after} MACs per position vs {e.cost}"
-                cost_refusals.append(NotFolded(v, "cost", detail, labels))
+                refusals.append(NotFolded(v, "cost", detail, labels))
                 continue
             labels = tuple(self._label(k) for k in e.ops)
             parts = tuple(self.by_key[k] for k in e.ops)
             regions.append(Region(v, e.source, e.map, e.ops, labels, e.cost, after, parts))
-        return regions, boundaries, opaque, cost_refusals
+        return regions, boundaries, opaque, refusals
 
     def _split_diamonds(self, ends: list[Hashable]) -> set[Hashable]:
         """The values read by several ops that were absorbed but do not have all their readers inside one
@@ -359,7 +354,7 @@ class _Walk:
         writes for this place holds more parameters than the private weights it replaces."""
         if e.shared != MIXED:
             return ""
-        private = sum(op.map.params() for op in (self.by_key[k] for k in e.ops) if op.shared is False)
+        private = self._params(e.ops, private=True)
         if e.map.params() <= private:
             return ""
         return (f"weight is shared with other call sites; folding would un-share it "
@@ -373,9 +368,15 @@ class _Walk:
         ``rank * (rows + width)``. Summed into the base table beside it, the branch costs nothing."""
         if not reads_indices(m):
             return ""
-        before = sum(op.map.params() for op in (self.by_key[k] for k in keys) if op.map is not None)
+        before = self._params(keys)
         after = m.params()
         return f"fused table stores {after} parameters vs {before}" if after > before else ""
+
+    def _params(self, keys: Iterable[Hashable], private: bool = False) -> int:
+        """The parameters of the ops ``keys`` (only of those whose weights no other call site reads, with
+        ``private``): what a fused map's weight would replace."""
+        ops = (self.by_key[k] for k in keys)
+        return sum(op.map.params() for op in ops if op.map is not None and (not private or op.shared is False))
 
     def _label(self, key: Hashable) -> str:
         return self.by_key[key].label
