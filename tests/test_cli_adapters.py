@@ -6,7 +6,6 @@ outputs when opened from a third folder, and add nothing outside the rewritten r
 from __future__ import annotations
 
 import copy
-import sys
 import warnings
 from pathlib import Path
 
@@ -16,9 +15,8 @@ import torch
 pytest.importorskip("peft")
 onnx = pytest.importorskip("onnx")
 
-sys.path.insert(0, str(Path(__file__).parent / "passes"))
+from adapter_models import Hidden, adapted, ids  # noqa: E402
 from cli_walk import assert_output_is_input_elsewhere, walk  # noqa: E402
-from test_adapters_hf import Hidden, adapted, ids  # noqa: E402
 
 
 def _export(model: torch.nn.Module, dynamo: bool, folder: Path, name: str) -> Path:

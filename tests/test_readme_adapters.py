@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import os
 import re
-import sys
 import warnings
 from pathlib import Path
 
@@ -19,8 +18,7 @@ peft = pytest.importorskip("peft")
 onnx = pytest.importorskip("onnx")
 T = pytest.importorskip("transformers")
 
-sys.path.insert(0, str(Path(__file__).parent / "passes"))
-from test_adapters_hf import Hidden, randomized  # noqa: E402
+from adapter_models import Hidden, randomized  # noqa: E402
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
