@@ -116,7 +116,7 @@ class FxContext:
 
     def dequantizes(self, n: fx.Node) -> bool:
         """``n`` casts a stored integer (or quantized) matrix to floating point (``canonical.dequantizes``)."""
-        return dequantizes(n, lambda x: self.const(x))
+        return dequantizes(n, self.const)
 
     def _written(self) -> set[fx.Node]:
         """Stored tensors and inputs that some op of the graph writes (or writes a view of)."""
